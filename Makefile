@@ -1,0 +1,57 @@
+# Two commands for a newcomer: `make demo` (set up, then run the main job) and `make test` (set up, then every check).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(CURDIR)/$(VENV)/bin
+LATEST := .venv-latest
+PIP := -qq --disable-pip-version-check
+
+export IPYTHONDIR := $(CURDIR)/.cache/ipython
+export MPLBACKEND := Agg
+unexport PYTHONDONTWRITEBYTECODE
+
+.PHONY: setup demo test sync nbtest docs latest pytest bench
+
+## Development environment: pinned (constraints-dev.txt), package installed editable. Re-running is a no-op.
+setup: $(VENV)/.done
+$(VENV)/.done: constraints-dev.txt settings.ini setup.py
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install $(PIP) -c constraints-dev.txt -e ".[dev]"
+	$(BIN)/pip check
+	touch $@
+
+## The main job: train on the digits data with plain CE and with label smoothing, print and plot.
+demo: setup
+	$(BIN)/python -m label_smoothing_fa.demo
+
+## Everything CI checks; the output ends with pytest's summary line.
+test: setup sync nbtest docs latest pytest
+
+## Exported modules, cleaned notebooks and README.md must already match the notebooks.
+sync: setup
+	$(BIN)/python tools/check_sync.py
+
+## Every notebook runs top to bottom.
+nbtest: setup
+	$(BIN)/nbdev_test --n_workers 2 --timing
+
+## The docs site (Sphinx + MyST-NB over nbdev's processed notebooks) and its check.
+docs: setup
+	$(BIN)/python tools/build_docs.py
+	$(BIN)/python tools/check_docs.py
+
+## The newest fastai (fastcore 2.x, no nbdev): install the package there and run the pytest suite.
+latest: $(LATEST)/.done
+	cd tests && $(CURDIR)/$(LATEST)/bin/python -m pytest -q -p no:cacheprovider .
+$(LATEST)/.done: constraints-latest.txt settings.ini setup.py
+	test -x $(LATEST)/bin/python || $(PYTHON) -m venv $(LATEST)
+	$(LATEST)/bin/pip install $(PIP) -c constraints-latest.txt . pytest hypothesis scikit-learn torchmetrics
+	$(LATEST)/bin/pip check
+	touch $@
+
+pytest: setup
+	$(BIN)/python -m pytest tests
+
+bench: setup
+	$(BIN)/python benchmarks/bench_loss.py
+	$(BIN)/python benchmarks/bench_callback.py
