@@ -6,7 +6,7 @@
 Static checks: a page per notebook (and `nbs/sidebar.yml` lists each one); every public symbol in the library's
 `_modidx.py` has its nbdev anchor on its page and its name in the search index; no Quarto/nbdev syntax left in the
 text (`#|`, `show_doc(`, `:::`, `{.callout`); no `$...$` left outside math; the code of hidden cells absent;
-every image present; every link within the site resolves; no script loaded from the internet.
+every image present; every link within the site resolves; no script or stylesheet loaded from the internet.
 Browser checks: MathJax typeset every formula without error; a screenshot of each page in `<doc_path>/_screenshots/`.
 """
 import argparse, ast, html, json, os, re, shutil, subprocess, sys, tempfile, threading
@@ -31,7 +31,7 @@ class Page(HTMLParser):
     "What the checks need from one html page: ids, links, scripts, images, math elements and visible text."
     def __init__(self, path):
         super().__init__(convert_charrefs=True)
-        self.ids, self.hrefs, self.scripts, self.imgs, self.n_math = set(), [], [], [], 0
+        self.ids, self.hrefs, self.assets, self.imgs, self.n_math = set(), [], [], [], 0  # assets: scripts, <link>s
         self.text, self.prose, self._open = [], [], []  # visible text; the part outside code and math; open tags
         self.feed(path.read_text(encoding='utf-8'))
         self.text, self.prose = ''.join(self.text), ''.join(self.prose)
@@ -41,7 +41,8 @@ class Page(HTMLParser):
         classes = (a.get('class') or '').split()
         if a.get('id'): self.ids.add(a['id'])
         if tag == 'a' and a.get('href'): self.hrefs.append(a['href'])
-        if tag == 'script' and a.get('src'): self.scripts.append(a['src'])
+        if tag == 'script' and a.get('src'): self.assets.append(a['src'])
+        if tag == 'link' and a.get('href'): self.assets.append(a['href'])
         if tag == 'img': self.imgs.append(a.get('src') or '')
         if 'math' in classes: self.n_math += 1
         if tag in VOID_TAGS: return
@@ -166,10 +167,10 @@ def check_hidden(nbs, pages):
 
 
 def check_files(site, page, p, parsed):
-    "Images present, links within the site resolve, and no script comes from the internet."
+    "Images present, links within the site resolve, and no script or stylesheet comes from the internet."
     problems, base = [], (site/page).parent
-    for src in p.scripts:
-        if re.match(r'^(https?:)?//', src): problems.append(f'{page}: loads a script from the internet: {src}')
+    for src in p.assets:
+        if re.match(r'^(https?:)?//', src): problems.append(f'{page}: loads a script or stylesheet from the internet: {src}')
     for src in p.imgs:
         if src.startswith(('data:', 'http:', 'https:')): continue
         if not (base/unquote(urlsplit(src).path)).is_file(): problems.append(f'{page}: image {src} is missing')
