@@ -302,32 +302,25 @@ def doc_site_url(cfg):
 
 # ---------------------------------------------------------------- README.md
 
-def output_readme(o):
-    "An output as README Markdown: markdown and HTML as they are, text indented as code; images etc. left out."
-    data = o.get('data', {})
-    if o.get('output_type') == 'stream': return textwrap.indent(o.text, '    ') if o.get('name') == 'stdout' else ''
-    for mime in ('text/markdown', 'text/html'):
-        if mime in data: return data[mime]
-    return textwrap.indent(data.get('text/plain', ''), '    ')
-
-
 def notebook_markdown(nb):
-    "A translated notebook as Markdown, laid out as nbconvert's MarkdownExporter does (MyST-NB tags obeyed)."
-    parts = []
-    for cell in nb.cells:
-        tags = cell.metadata.get('tags', [])
-        if cell.cell_type == 'markdown': parts.append(cell.source)
-        elif cell.cell_type != 'code' or 'remove-cell' in tags: continue
-        else:
-            if 'remove-input' not in tags: parts.append(f'```python\n{cell.source}\n```')
-            if 'remove-output' not in tags: parts += [output_readme(o) for o in cell.get('outputs', [])]
-    return '\n\n'.join(p.strip('\n') for p in parts if p.strip()) + '\n'
+    "A translated notebook as Markdown, by nbconvert's MarkdownExporter (MyST-NB tags obeyed, images left out)."
+    from nbconvert import MarkdownExporter
+    from traitlets.config import Config
+    for cell in nb.cells:  # README.md has no place for image files
+        for o in cell.get('outputs', []):
+            for mime in [m for m in o.get('data', {}) if m.startswith('image/')]: del o['data'][mime]
+    c = Config()
+    c.TagRemovePreprocessor.update(enabled=True, remove_cell_tags={'remove-cell'}, remove_input_tags={'remove-input'},
+                                   remove_all_outputs_tags={'remove-output'})
+    body, _ = MarkdownExporter(config=c).from_notebook_node(nb)
+    return re.sub(r'\n{3,}', '\n\n', body).strip() + '\n'
 
 
 def write_readme(cfg, proc_index):
     "Write README.md from the processed index notebook (deterministic: same notebooks, same bytes)."
     nb = translate_nb(read_notebook(proc_index), 'index.html', doc_site_url(cfg), readme=True)
-    (cfg.config_path/'README.md').write_text(notebook_markdown(nb), encoding='utf-8')
+    md = notebook_markdown(nb).replace(doc_site_url(cfg) + '/', f"{Path(cfg.doc_path).name}/")  # links into the site `make docs` builds
+    (cfg.config_path/'README.md').write_text(md, encoding='utf-8')
 
 
 # ---------------------------------------------------------------- 3. Sphinx
