@@ -18,6 +18,7 @@ $(VENV)/.done: constraints-dev.txt settings.ini setup.py
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install $(PIP) -c constraints-dev.txt -e ".[dev]"
 	$(BIN)/pip check
+	mkdir -p $(IPYTHONDIR)
 	touch $@
 
 ## The main job: train on the digits data with plain CE and with label smoothing, print and plot.
@@ -43,7 +44,7 @@ docs: setup
 ## The newest fastai (fastcore 2.x, no nbdev): install the package there and run the pytest suite.
 latest: $(LATEST)/.done
 	cd tests && $(CURDIR)/$(LATEST)/bin/python -m pytest -q -p no:cacheprovider .
-$(LATEST)/.done: constraints-latest.txt settings.ini setup.py
+$(LATEST)/.done: constraints-latest.txt settings.ini setup.py $(wildcard label_smoothing_fa/*.py)
 	test -x $(LATEST)/bin/python || $(PYTHON) -m venv $(LATEST)
 	$(LATEST)/bin/pip install $(PIP) -c constraints-latest.txt . pytest hypothesis scikit-learn torchmetrics
 	$(LATEST)/bin/pip check
