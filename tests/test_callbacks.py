@@ -1,0 +1,320 @@
+"EntropyLogger: logged values against `get_preds` recomputed from the definitions and torchmetrics, the training history, fastai integration, two processes under torch.distributed."
+import importlib.metadata, pickle, sys
+from pathlib import Path
+
+import numpy as np, pytest, torch, torch.nn as nn, torch.nn.functional as F
+import torch.distributed as dist, torch.multiprocessing as mp
+import fastai.losses as fl
+import fastai.callback.progress, fastai.callback.schedule  # Learner.no_bar, lr_find
+from fastai.callback.core import Callback, CancelBatchException
+from fastai.callback.mixup import CutMix, MixUp
+from fastai.data.core import DataLoaders, Datasets
+from fastai.data.transforms import ItemGetter
+from fastai.data.load import DataLoader
+from fastai.interpret import Interpretation
+from fastai.learner import Learner, Recorder, load_learner
+
+from label_smoothing_fa.callbacks import EntropyLogger
+from label_smoothing_fa.losses import LabelSmoothingCrossEntropy, LabelSmoothingCrossEntropyFlat, smooth_targets
+
+LOGGED = ['smooth_ce', 'target_entropy', 'kl', 'entropy', 'confidence', 'nll']
+RECORDED = ['smooth_ce', 'kl', 'entropy', 'confidence', 'ece']
+
+def close(a, b, tol=1e-5):
+    as64 = lambda t: t.double() if isinstance(t, torch.Tensor) else torch.from_numpy(np.array(t, dtype=np.float64))
+    a, b = as64(a), as64(b)
+    assert torch.allclose(a, b, atol=tol, rtol=0), (a, b)
+
+def calibration_error_from_torchmetrics():
+    "torchmetrics' `multiclass_calibration_error`, imported with torchvision hidden (its compiled ops need a matching torch build)"
+    import lightning_utilities.core.imports as lu
+    saved, hide = lu._version, 'torchvision' not in sys.modules
+    def _version(name):
+        if name == 'torchvision': raise importlib.metadata.PackageNotFoundError(name)
+        return saved(name)
+    lu._version = _version
+    if hide: sys.modules['torchvision'] = None
+    try: from torchmetrics.functional.classification import multiclass_calibration_error
+    finally:
+        lu._version = saved
+        if hide: del sys.modules['torchvision']
+    return multiclass_calibration_error
+
+tm_ece = calibration_error_from_torchmetrics()
+
+# ---- small synthetic problems: (N, C) classification, (N, L, C) sequences, (N, C, H, W) segmentation ----
+
+K = 5
+SHAPES = {'flat': ((8,), ()), 'image': ((1, 8, 8), ()), 'seq': ((6, 8), (6,)), 'seg': ((3, 4, 4), (4, 4))}
+
+def make_data(n, kind, seed, ignore_index=None, soft=False):
+    "Inputs and labels from a fixed random teacher, noisy enough that the model stays unsure; a fifth ignored when `ignore_index`"
+    g = torch.Generator().manual_seed(seed)
+    x_shape, y_shape = SHAPES[kind]
+    x = torch.randn(n, *x_shape, generator=g)
+    teacher = torch.randn(x_shape[0] if kind == 'seg' else x_shape[-1] if kind == 'seq' else x[0].numel(), K, generator=torch.Generator().manual_seed(99))
+    if kind == 'seg': logits = torch.einsum('nchw,ck->nhwk', x, teacher)
+    elif kind == 'seq': logits = x @ teacher
+    else: logits = x.flatten(1) @ teacher
+    y = (logits + 2 * torch.randn(logits.shape, generator=g)).argmax(-1)
+    if ignore_index is not None: y = torch.where(torch.rand(y.shape, generator=g) < 0.2, ignore_index, y)
+    if soft: y = F.one_hot(y, K).float()
+    return x, y
+
+def make_model(kind, seed=0):
+    torch.manual_seed(seed)
+    if kind == 'seg': return nn.Conv2d(3, K, 1)
+    if kind == 'seq': return nn.Linear(8, K)
+    return nn.Sequential(nn.Flatten(), nn.Linear(64 if kind == 'image' else 8, K))
+
+def make_learner(loss_func, cbs=(), kind='flat', n_train=128, n_valid=100, bs=32, ignore_index=None, soft=False, valid_dl=None,
+                 datasets=False, **kwargs):
+    "A `Learner` on `make_data`; `datasets`: fastai `Datasets` (which `export` needs) instead of plain lists"
+    xt, yt = make_data(n_train, kind, 1, ignore_index, soft)
+    xv, yv = make_data(n_valid, kind, 2, ignore_index, soft)
+    if datasets:
+        dsets = Datasets(list(zip(torch.cat([xt, xv]), torch.cat([yt, yv]))), [[ItemGetter(0)], [ItemGetter(1)]],
+                         splits=[list(range(n_train)), list(range(n_train, n_train + n_valid))])
+        dls = dsets.dataloaders(bs=bs)
+    else: dls = DataLoaders(DataLoader(list(zip(xt, yt)), bs=bs, shuffle=True, drop_last=True),
+                            valid_dl if valid_dl is not None else DataLoader(list(zip(xv, yv)), bs=bs))
+    return Learner(dls, make_model(kind), loss_func=loss_func, cbs=list(cbs), **kwargs)
+
+def fit(learn, n_epoch=1, lr=1e-2):
+    with learn.no_bar(), learn.no_logging(): learn.fit(n_epoch, lr)
+    return learn
+
+def reference(logits, targs, eps, prior=None, axis=1, ignore_index=-100):
+    "The logged quantities of each kept position, from their definitions with `smooth_targets`"
+    p = torch.softmax(logits.float(), axis).movedim(axis, -1).reshape(-1, logits.shape[axis]).double()
+    y = targs.argmax(axis).reshape(-1) if targs.dtype.is_floating_point else targs.reshape(-1)
+    p, y = p[y != ignore_index], y[y != ignore_index]
+    q = smooth_targets(y, p.shape[1], eps, prior).double()
+    H = lambda t: -torch.special.xlogy(t, t).sum(1)
+    sce = -(q * p.log()).sum(1)
+    return torch.stack([sce, H(q), sce - H(q), H(p), p.max(1).values, -p.gather(1, y[:, None]).squeeze(1).log()], 1)
+
+def check_valid(learn, eps, prior=None, axis=1, ignore_index=-100):
+    "The Recorder's last row and `valid_history` against `get_preds` recomputed, and torchmetrics' ECE"
+    names, row = learn.recorder.metric_names[1:-1], learn.recorder.values[-1]
+    assert names[-5:] == RECORDED
+    got = dict(zip(names, row))
+    logits, targs = learn.get_preds(act=lambda o: o)
+    ref = reference(logits, targs, eps, prior, axis, ignore_index).mean(0)
+    close([got[n] for n in RECORDED[:-1]], ref[[0, 2, 3, 4]])
+    vh = learn.entropy_logger.valid_history
+    close(vh[LOGGED].iloc[-1].to_numpy().astype(float), ref)
+    p = torch.softmax(logits.float(), axis).movedim(axis, -1).reshape(-1, K)
+    t = targs.argmax(axis).reshape(-1) if targs.dtype.is_floating_point else targs.reshape(-1)
+    ece = tm_ece(p[t != ignore_index], t[t != ignore_index], K, n_bins=15, norm='l1')
+    close(got['ece'], ece, 1e-6); close(vh['ece'].iloc[-1], ece, 1e-6)
+    return got
+
+# ---- validation values: exact against get_preds, for each kind of loss and output ----
+
+prior5 = torch.tensor([.1, .3, .2, .25, .15])
+CASES = {
+    'ours':            (lambda: LabelSmoothingCrossEntropy(0.1), {}, 'flat', 0.1, None, 1, -100),
+    'ours-others':     (lambda: LabelSmoothingCrossEntropy(0.2, prior='others'), {}, 'flat', 0.2, 'others', 1, -100),
+    'ours-prior':      (lambda: LabelSmoothingCrossEntropy(0.3, prior=prior5), {}, 'flat', 0.3, prior5, 1, -100),
+    'fastai-ls':       (lambda: fl.LabelSmoothingCrossEntropy(0.15), {}, 'flat', 0.15, None, 1, -100),
+    'fastai-ce':       (lambda: fl.CrossEntropyLossFlat(), {}, 'flat', 0.1, None, 1, -100),
+    'torch-ls':        (lambda: nn.CrossEntropyLoss(label_smoothing=0.2), {}, 'flat', 0.2, None, 1, -100),
+    'own-settings':    (lambda: LabelSmoothingCrossEntropy(0.3), dict(eps=0.05, prior='others'), 'flat', 0.05, 'others', 1, -100),
+    'seq-flat':        (lambda: LabelSmoothingCrossEntropyFlat(0.1), {}, 'seq', 0.1, None, -1, -100),
+    'seq-fastai':      (lambda: fl.CrossEntropyLossFlat(ignore_index=-1), {}, 'seq', 0.1, None, -1, -1),
+    'seg-axis1':       (lambda: LabelSmoothingCrossEntropy(0.1, axis=1, ignore_index=255), {}, 'seg', 0.1, None, 1, 255),
+    'seg-flat':        (lambda: LabelSmoothingCrossEntropyFlat(0.2, axis=1, prior='others'), {}, 'seg', 0.2, 'others', 1, -100),
+}
+
+@pytest.mark.parametrize('case', list(CASES))
+def test_valid_values_match_get_preds(case):
+    loss, kw, kind, eps, prior, axis, ignore = CASES[case]
+    learn = fit(make_learner(loss(), [EntropyLogger(**kw)], kind, ignore_index=None if kind == 'flat' else ignore), 2)
+    assert learn.recorder.metric_names[-6:-1] == RECORDED
+    got = check_valid(learn, eps, prior, axis, ignore)
+    assert got['kl'] >= 0 and 0 < got['confidence'] <= 1 and 0 <= got['ece'] <= 1
+    assert len(learn.entropy_logger.valid_history) == 2
+
+def test_hand_computed_values():
+    "Fixed predictions: ECE, confidence and the rest by hand, through a real `fit` (lr=0)"
+    probs = torch.tensor([[.3, .25, .25, .1, .1], [.6, .4, 0, 0, 0], [.7, .3, 0, 0, 0], [.9, .1, 0, 0, 0], [1., 0, 0, 0, 0]])
+    targs = torch.tensor([0, 1, 0, 0, 0])
+    class Fixed(nn.Module):
+        def __init__(self): super().__init__(); self.w = nn.Parameter(torch.ones(()))
+        def forward(self, i): return probs.log()[i.long()] + 0 * self.w
+    items = list(zip(torch.arange(5), targs))
+    dls = DataLoaders(DataLoader(items, bs=5), DataLoader(items, bs=2))
+    learn = fit(Learner(dls, Fixed(), loss_func=fl.CrossEntropyLossFlat(), cbs=EntropyLogger(n_bins=4)), lr=0)
+    got = dict(zip(learn.recorder.metric_names[1:-1], learn.recorder.values[-1]))
+    # bins [0,.25) [.25,.5) [.5,.75) [.75,1) and 1.0 alone: |1-.3| + |1-(.6+.7)| + |1-.9| + |1-1| over 5 samples
+    close(got['ece'], 1.1 / 5, 1e-6)
+    close(got['confidence'], (.3 + .6 + .7 + .9 + 1) / 5)
+    # uniform prior, eps=0.1, K=5: q' = .92 on the label, .02 elsewhere; zero probabilities make H(q', p) infinite
+    assert got['smooth_ce'] == float('inf')
+    close(learn.entropy_logger.valid_history['nll'].iloc[-1], -(torch.tensor([.3, .4, .7, .9, 1.]).log().mean()))
+    close(learn.entropy_logger.valid_history['target_entropy'].iloc[-1], -(.92 * torch.tensor(.92).log() + 4 * .02 * torch.tensor(.02).log()))
+    r = learn.entropy_logger.reliability
+    assert r['count'].tolist() == [0, 1, 2, 1, 1]
+    close(r['accuracy'].iloc[1:].to_numpy(), [1, .5, 1, 1])
+
+# ---- the training history ----
+
+class Probe(Callback):
+    "Keeps each training batch's prediction and its labels as the data loader gave them (before MixUp/CutMix), and as the loss saw them"
+    order = -20
+    def before_fit(self): self.seen, self.mixed = [], []
+    def before_batch(self): self.yb0 = self.learn.yb
+    def after_batch(self):
+        if self.training:
+            self.seen.append((self.learn.pred.detach().clone(), self.yb0[0].clone()))
+            self.mixed.append(self.learn.yb[0].clone())
+
+@pytest.mark.parametrize('every', [1, 3])
+def test_history_matches_batches(every):
+    probe = Probe()
+    learn = fit(make_learner(LabelSmoothingCrossEntropy(0.2, prior='others'), [EntropyLogger(every=every), probe], n_train=320), 2)
+    h = learn.entropy_logger.history
+    assert list(h.columns) == ['iter', 'epoch'] + LOGGED
+    n = len(probe.seen)
+    assert n == 20 and h['iter'].tolist() == list(range(0, n, every)) and h['epoch'].tolist() == [i // 10 for i in range(0, n, every)]
+    for (_, row), i in zip(h.iterrows(), range(0, n, every)):
+        close(row[LOGGED].to_numpy().astype(float), reference(*probe.seen[i], 0.2, 'others').mean(0))
+
+@pytest.mark.parametrize('mix', [MixUp, CutMix])
+@pytest.mark.parametrize('soft', [False, True])
+def test_mixing_logs_against_unmixed_labels(mix, soft):
+    "MixUp/CutMix: each sample against its own label, also when the loss mixes one-hot targets (not `y_int`)"
+    loss = (lambda x, y: -(y * x.log_softmax(1)).sum(1).mean()) if soft else LabelSmoothingCrossEntropy(0.1)
+    probe = Probe()
+    learn = fit(make_learner(loss, [EntropyLogger(), probe, mix()], 'image', n_train=320, soft=soft))
+    h = learn.entropy_logger.history
+    assert len(h) == len(probe.seen) == 10
+    for (_, row), (pred, y) in zip(h.iterrows(), probe.seen):
+        close(row[LOGGED].to_numpy().astype(float), reference(pred, y, 0.1).mean(0))
+    if soft and mix is CutMix:  # the mixed targets' argmax is often the other sample's label: the check above tells them apart
+        assert any((m.argmax(1) != y.argmax(1)).any() for m, (_, y) in zip(probe.mixed, probe.seen))
+    check_valid(learn, 0.1)
+
+def test_half_precision_predictions():
+    "Half and bfloat16 predictions are computed in float32"
+    for dt in (torch.float16, torch.bfloat16):
+        probe = Probe()
+        learn = make_learner(LabelSmoothingCrossEntropy(0.1), [EntropyLogger(), probe])
+        learn.model = nn.Sequential(learn.model, nn.Identity())
+        learn.model.register_forward_hook(lambda m, i, o: o.to(dt))
+        fit(learn)
+        assert probe.seen[0][0].dtype == dt
+        h = learn.entropy_logger.history
+        for (_, row), (pred, y) in zip(h.iterrows(), probe.seen): close(row[LOGGED].to_numpy().astype(float), reference(pred, y, 0.1).mean(0))
+        check_valid(learn, 0.1)
+
+def test_cancelled_batches_are_skipped():
+    "A batch cancelled before its prediction is not logged (nor the one before it twice); the iteration count goes on"
+    class Skip(Callback):
+        order = -20
+        def before_batch(self):
+            if self.training and self.learn.iter == 1: raise CancelBatchException()
+    learn = fit(make_learner(LabelSmoothingCrossEntropy(0.1), [EntropyLogger(), Skip()]))
+    assert learn.entropy_logger.history['iter'].tolist() == [0, 2, 3]
+
+def test_train_metrics():
+    "With `Recorder(train_metrics=True)` the training columns are the epoch's means over the logged batches"
+    learn = make_learner(LabelSmoothingCrossEntropy(0.1), [EntropyLogger()], n_train=320)
+    learn.recorder.train_metrics = True
+    fit(learn, 2)
+    got = dict(zip(learn.recorder.metric_names[1:-1], learn.recorder.values[-1]))
+    h = learn.entropy_logger.history
+    for n in RECORDED[:-1]: close(got[f'train_{n}'], h[h['epoch'] == 1][n].mean())  # batches of equal size
+    assert got['train_ece'] is None
+
+# ---- fastai: get_preds & co leave the fit's history alone; export; bad arguments ----
+
+def test_predictions_leave_history(tmp_path):
+    learn = fit(make_learner(LabelSmoothingCrossEntropy(0.1), [EntropyLogger()], path=tmp_path), 2)  # lr_find saves the model there
+    el = learn.entropy_logger
+    before = el.history, el.valid_history, el.reliability
+    learn.get_preds(); learn.get_preds(with_loss=True, with_decoded=True)
+    res = learn.validate()
+    assert len(res) == 1 and len(learn.metrics) == 0  # only valid_loss: our columns are in `metrics` only while fitting
+    Interpretation.from_learner(learn)
+    learn.get_preds(dl=[(torch.randn(4, 8),)])  # unlabeled, as `predict` and a test set are
+    learn('before_fit'); learn.get_preds(inner=True); learn('after_fit')  # the events `tta` fires: `before_fit`, but no training
+    learn.lr_find(num_it=6, show_plot=False)
+    for a, b in zip(before, (el.history, el.valid_history, el.reliability)): assert a.equals(b)
+    fit(learn)  # a new fit starts a new history
+    assert len(el.history) == 4 and len(el.valid_history) == 1
+
+def test_export_and_load(tmp_path):
+    learn = fit(make_learner(LabelSmoothingCrossEntropy(0.1), [EntropyLogger(n_bins=10)], n_train=1600, bs=8, datasets=True), 1)
+    el = learn.entropy_logger
+    assert len(el.history) == 200
+    learn.path = tmp_path
+    learn.export('after_fit.pkl')
+    learn.remove_cb(el).add_cb(EntropyLogger(n_bins=10)).export('fresh.pkl')
+    assert abs((tmp_path/'after_fit.pkl').stat().st_size - (tmp_path/'fresh.pkl').stat().st_size) < 1000  # the history alone is ~10 kB
+    loaded = load_learner(tmp_path/'after_fit.pkl')
+    assert len(loaded.entropy_logger.history) == 0 and len(loaded.entropy_logger.valid_history) == 0
+    cb = pickle.loads(pickle.dumps(el))
+    assert len(cb.history) == 0 and cb.n_bins == 10 and len(el.history) == 200
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match='`eps` must be in'): EntropyLogger(eps=-0.1)
+    with pytest.raises(ValueError, match="`prior` must be None, 'others'"): EntropyLogger(prior='uniform')
+    with pytest.raises(ValueError, match='`n_bins` must be a positive integer'): EntropyLogger(n_bins=0)
+    with pytest.raises(ValueError, match='`every` must be a positive integer'): EntropyLogger(every=True)
+    with pytest.raises(ValueError, match='no history to plot'): EntropyLogger().plot()
+    with pytest.raises(ValueError, match='no validation epoch to plot'): EntropyLogger().plot_reliability()
+    learn = make_learner(lambda x, y: x.sum() * 0, [EntropyLogger()])
+    learn.model = nn.Sequential(nn.Linear(8, 2 * K), nn.Unflatten(1, (2, K)))  # (N, 2, K): 2 classes on axis 1, N*K positions
+    with pytest.raises(ValueError, match=r'the target has 128 positions, the prediction 640 \(shape \(128, 2, 5\), class axis 1\)'): fit(learn)
+
+def test_plots():
+    import matplotlib; matplotlib.use('Agg')
+    from matplotlib.figure import Figure
+    learn = fit(make_learner(LabelSmoothingCrossEntropy(0.1), [EntropyLogger()]), 2)
+    assert isinstance(learn.entropy_logger.plot(), Figure) and isinstance(learn.entropy_logger.plot_reliability(), Figure)
+
+# ---- torch.distributed: two processes, each validating half, log the values of the whole ----
+
+class PaddedShard:
+    "Process `rank`'s share of the items as fastai's `DistributedDL` deals it (padded by repeating the first items, with `n`, `n_padded` and `i`); `DistributedDL` itself needs accelerate and CUDA"
+    def __init__(self, x, y, rank, world_size, bs):
+        self.n, self.rank, self.world_size, self.bs = len(x), rank, world_size, bs
+        self.n_padded = -(-self.n // world_size) * world_size
+        idxs = list(range(self.n)); idxs += idxs[:self.n_padded - self.n]
+        per = self.n_padded // world_size
+        self.idxs, self.x, self.y = idxs[rank * per:(rank + 1) * per], x, y
+    def __len__(self): return -(-len(self.idxs) // self.bs)
+    def __iter__(self):
+        self.i = 0
+        for k in range(0, len(self.idxs), self.bs):
+            b = self.idxs[k:k + self.bs]; self.i += len(b)
+            yield self.x[b], self.y[b]
+
+def _run(kind, rank=0, world_size=1):
+    "Fit one epoch (lr=0: the weights stay as initialised) validating this process's share of 101 items; the logged values"
+    xv, yv = make_data(101, 'flat', 2)
+    if world_size == 1: valid = DataLoader(list(zip(xv, yv)), bs=16)
+    elif kind == 'halves':
+        half = slice(0, 50) if rank == 0 else slice(50, None)
+        valid = DataLoader(list(zip(xv[half], yv[half])), bs=16)
+    else: valid = PaddedShard(xv, yv, rank, world_size, 16)
+    learn = fit(make_learner(LabelSmoothingCrossEntropy(0.1), [EntropyLogger()], n_train=32, valid_dl=valid), lr=0)
+    got = dict(zip(learn.recorder.metric_names[1:-1], learn.recorder.values[-1]))
+    return [got[n] for n in RECORDED], learn.entropy_logger.valid_history[LOGGED].iloc[-1].tolist()
+
+def _ddp_worker(rank, world_size, init_file, out_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=world_size)
+    try: torch.save({kind: _run(kind, rank, world_size) for kind in ('halves', 'padded')}, Path(out_dir)/f'{rank}.pt')
+    finally: dist.destroy_process_group()
+
+def test_distributed_two_processes(tmp_path):
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path/'rendezvous'), str(tmp_path)), nprocs=2, join=True)
+    single = _run('halves')
+    for rank in (0, 1):
+        res = torch.load(tmp_path/f'{rank}.pt')
+        for kind in ('halves', 'padded'):
+            close(res[kind][0], single[0], 1e-6); close(res[kind][1], single[1], 1e-6)
+    assert not dist.is_initialized()
