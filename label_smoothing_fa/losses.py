@@ -150,6 +150,10 @@ class _FusedLabelSmoothing(torch.autograd.Function):
         return grad.to(x.dtype), None, None, None, None, None, None, None
 
 # %% ../nbs/00_losses.ipynb #146ef7b7
+def _range(t:Tensor):
+    "Smallest and largest value of `t`, as Python numbers"
+    return [v.item() for v in torch.aminmax(t)] if t.numel() else (0, 0)
+
 def _targets(input:Tensor, target:Tensor, axis:int, ignore_index:int):
     "(class indices, None, kept-mask or None if all kept, None) or (None, soft targets, None, their sums)"
     K, rows = input.shape[axis], input.shape[:axis] + input.shape[axis+1:]
@@ -165,31 +169,25 @@ def _targets(input:Tensor, target:Tensor, axis:int, ignore_index:int):
     if target.dtype.is_floating_point:
         if (target != target.round()).any(): raise ValueError("`target` of class indices must hold whole numbers (or be soft targets shaped like the input)")
     elif target.dtype == torch.bool: raise ValueError("`target` must be class indices or soft targets, got a bool tensor")
-    idx, keep = target.long(), target != ignore_index
-    if keep.all(): keep = None
-    else: idx = torch.where(keep, idx, 0)
-    if idx.numel() and not 0 <= idx.min() <= idx.max() < K:
+    idx = target.long()
+    lo, hi = _range(idx)
+    keep = idx != ignore_index if lo <= ignore_index <= hi else None  # look for ignored positions only if there can be some
+    if keep is not None and keep.all(): keep = None
+    if keep is not None: idx = torch.where(keep, idx, 0); lo, hi = _range(idx)
+    if lo < 0 or hi >= K:
         raise ValueError(f"`target` holds class indices outside [0, {K}) that are not `ignore_index` ({ignore_index})")
     return idx, None, keep, None
 
 # %% ../nbs/00_losses.ipynb #6d399113
-_TORCH_BELOW = 1 << 16  # inputs with fewer logits use torch's built-in kernel where it computes the same loss
+_DENSE_BELOW = 1 << 16  # inputs with fewer logits take the dense path
 
-def _torch_builtin(x, target, eps, weight, reduction, prior, ignore_index, axis, weight_mode):
-    "`F.cross_entropy` when it computes exactly this loss, else `None`"
-    K = x.shape[axis]
-    if prior == 'others': eps = eps * K / (K - 1)  # eps/(K-1) to the others is a uniform eps' = eps K/(K-1)
-    if (prior is not None and prior != "others") or eps > 1 or (weight is not None and weight_mode != "torch") or target.numel() == 0 or x.ndim < 2: return None
-    soft = target.dtype.is_floating_point and target.shape == x.shape
-    x, w = _f32(x), (None if weight is None else weight.to(x))
-    if axis != 1: x, target = x.movedim(axis, 1), (target.movedim(axis, 1) if soft else target)
-    if soft:
-        _targets(x, target, 1, ignore_index)  # the checks
-        return F.cross_entropy(x, target.to(x.dtype), w, reduction=reduction, label_smoothing=eps)
-    if target.dtype.is_floating_point or target.dtype == torch.bool or target.shape != x.shape[:1] + x.shape[2:]: return None
-    lo, hi = torch.stack(torch.aminmax(target)).tolist()
-    if lo < 0 or hi >= K or lo == hi == ignore_index: return None  # ignored or invalid classes: the general path checks them
-    return F.cross_entropy(x, target, w, ignore_index=ignore_index, reduction=reduction, label_smoothing=eps)
+def _dense_label_smoothing(x, idx, soft, cT, cv, v, axis, reduction):
+    "The fused function's loss as `<B, log_softmax(x)>`, the target weights `B = -(cT T + cv v)` built in full"
+    lp = torch.log_softmax(_f32(x), axis)
+    neg = lambda c: -c.unsqueeze(axis) if isinstance(c, Tensor) and c.ndim else -c  # minus a per-row number, along the classes
+    B = soft * neg(cT) if soft is not None else torch.zeros_like(lp).scatter_(axis, idx.unsqueeze(axis), neg(cT))
+    B.add_(neg(cv) / x.shape[axis] if v is None else neg(cv) * _class_vec(v, lp, axis))
+    return (lp * B).sum(axis) if reduction == 'none' else (lp * B).sum()
 
 # %% ../nbs/00_losses.ipynb #d724dd9e
 def label_smoothing_cross_entropy(
@@ -215,9 +213,6 @@ def label_smoothing_cross_entropy(
     if prior == 'others' and K < 2: raise ValueError("`prior='others'` needs at least 2 classes")
     if target.requires_grad and target.dtype.is_floating_point:  # gradients for soft targets: the plain formula
         return reference_label_smoothing_cross_entropy(x, target, eps, weight, reduction, prior, ignore_index, axis, weight_mode)
-    if x.numel() < _TORCH_BELOW:
-        loss = _torch_builtin(x, target, eps, weight, reduction, prior, ignore_index, axis, weight_mode)
-        if loss is not None: return loss
     idx, soft, keep, tsum = _targets(x, target, axis, ignore_index)
     dt = _f32(x).dtype
     n = tsum.numel() if idx is None else idx.numel()
@@ -245,19 +240,20 @@ def label_smoothing_cross_entropy(
             den = total(w_row) if mean else 1.
             cT, cv = (1 - eps + eps * a_u) * w_row / den, eps * b_u * w_row / den
         A = cT * t_sum + cv * (1. if v is None else v.sum())
+    if x.numel() < _DENSE_BELOW: return _dense_label_smoothing(x, idx, soft, cT, cv, v, axis, reduction)
     loss = _FusedLabelSmoothing.apply(x, idx, soft, cT, cv, A, v, axis)
     return loss if reduction == 'none' else loss.sum()
 
 # %% ../nbs/00_losses.ipynb #3ea42689
 def _fused_only(x, target, **kwargs):
-    "`label_smoothing_cross_entropy` with the small-input dispatch to torch's kernel switched off"
-    global _TORCH_BELOW
-    old, _TORCH_BELOW = _TORCH_BELOW, 0
+    "`label_smoothing_cross_entropy` with the dense path for small inputs switched off"
+    global _DENSE_BELOW
+    old, _DENSE_BELOW = _DENSE_BELOW, 0
     try: return label_smoothing_cross_entropy(x, target, **kwargs)
-    finally: _TORCH_BELOW = old
+    finally: _DENSE_BELOW = old
 
 def _compare_with_reference(x, target, atol=1e-5, **kwargs):
-    "Loss and input gradient of the fused path, the dispatching function and the reference, asserted close"
+    "Loss and input gradient of the fused path, the function as called (dense on small inputs) and the reference, asserted close"
     fs = (_fused_only, label_smoothing_cross_entropy, reference_label_smoothing_cross_entropy)
     xs = [x.detach().clone().requires_grad_() for _ in fs]
     outs = [f(xi, target, **kwargs) for f, xi in zip(fs, xs)]

@@ -18,10 +18,10 @@ from label_smoothing_fa.losses import (LabelSmoothingCrossEntropy, LabelSmoothin
 
 def close(a, b, tol=1e-5): assert torch.allclose(a.double(), b.double(), atol=tol, rtol=tol), (a, b)
 
-@pytest.fixture(params=['fused', 'dispatch'])
+@pytest.fixture(params=['fused', 'dense'])
 def path(request, monkeypatch):
-    "Run a test twice: fused path only, and with the small-input dispatch to torch's kernel"
-    if request.param == 'fused': monkeypatch.setattr(L, '_TORCH_BELOW', 0)
+    "Run a test twice: fused path only, and with the dense path for small inputs"
+    if request.param == 'fused': monkeypatch.setattr(L, '_DENSE_BELOW', 0)
     return request.param
 
 def loss_and_grad(f, x, target, **kw):
@@ -59,9 +59,9 @@ def problems(draw):
 @given(problems(), st.booleans())
 def test_fused_matches_reference(problem, fused):
     x, target, kw = problem
-    old, L._TORCH_BELOW = L._TORCH_BELOW, (0 if fused else 1 << 16)
+    old, L._DENSE_BELOW = L._DENSE_BELOW, (0 if fused else 1 << 16)
     try: ours, g_ours = loss_and_grad(label_smoothing_cross_entropy, x, target, **kw)
-    finally: L._TORCH_BELOW = old
+    finally: L._DENSE_BELOW = old
     ref, g_ref = loss_and_grad(reference_label_smoothing_cross_entropy, x, target, **kw)
     close(ours, ref, 1e-7); close(g_ours, g_ref, 1e-7)
     assert torch.isfinite(ours).all() and torch.isfinite(g_ours).all()
