@@ -182,12 +182,12 @@ def _targets(input:Tensor, target:Tensor, axis:int, ignore_index:int):
 _DENSE_BELOW = 1 << 16  # inputs with fewer logits take the dense path
 
 def _dense_label_smoothing(x, idx, soft, cT, cv, v, axis, reduction):
-    "The fused function's loss as `<B, log_softmax(x)>`, the target weights `B = -(cT T + cv v)` built in full"
+    "The fused function's loss as `-<B, log_softmax(x)>`, the target weights `B = cT T + cv v` built in full"
     lp = torch.log_softmax(_f32(x), axis)
     neg = lambda c: -c.unsqueeze(axis) if isinstance(c, Tensor) and c.ndim else -c  # minus a per-row number, along the classes
-    B = soft * neg(cT) if soft is not None else torch.zeros_like(lp).scatter_(axis, idx.unsqueeze(axis), neg(cT))
-    B.add_(neg(cv) / x.shape[axis] if v is None else neg(cv) * _class_vec(v, lp, axis))
-    return (lp * B).sum(axis) if reduction == 'none' else (lp * B).sum()
+    negB = soft * neg(cT) if soft is not None else torch.zeros_like(lp).scatter_(axis, idx.unsqueeze(axis), neg(cT))
+    negB.add_(neg(cv) / x.shape[axis] if v is None else neg(cv) * _class_vec(v, lp, axis))  # -B: no autograd step for the sign
+    return (lp * negB).sum(axis) if reduction == 'none' else (lp * negB).sum()
 
 # %% ../nbs/00_losses.ipynb #d724dd9e
 def label_smoothing_cross_entropy(
