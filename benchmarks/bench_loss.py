@@ -5,9 +5,10 @@ Float32 on the CPU, default allocator; times are medians of interleaved runs (th
 in the machine's speed hits all of them alike). Peak memory is the growth of the process's peak resident memory during
 one forward+backward with the gradient buffer already allocated, measured in a fresh process per implementation.
 If jemalloc is installed (Debian `libjemalloc2`), everything is measured again with it preloaded.
-Writes benchmarks/results/bench_loss.csv (read by the docs page nbs/20_benchmarks.ipynb) unless --no-save.
+With --save it writes benchmarks/results/bench_loss.csv and .json, the recorded run the docs page nbs/20_benchmarks.ipynb
+shows and checks against the targets (without it, nothing is written: a run on another machine only prints).
 
-    python benchmarks/bench_loss.py [--quick] [--no-save]
+    python benchmarks/bench_loss.py [--quick] [--save]
 """
 import argparse, csv, json, os, platform, resource, statistics, subprocess, sys, time
 from pathlib import Path
@@ -68,17 +69,23 @@ print((after - before) * 1024 / (x.numel() * x.element_size()))
     if r.returncode: raise RuntimeError(r.stderr)
     return float(r.stdout.strip().splitlines()[-1])
 
-def soft_check_share(reps=15):
-    """Share of a soft-target forward+backward (4096x1000) spent on passes that only validate the targets:
-    the minimum over the N x C targets (the row sums are part of the loss) and the test on the N row sums"""
+def soft_check_share(reps=31):
+    """Share of a soft-target forward+backward (4096x1000) spent on the passes that only validate the targets (the
+    minimum over the N x C targets, the test on the N row sums), run as the loss runs them: after the row sums it needs.
+    The caches are flushed before each timing, as the rest of a training step would."""
     x = torch.randn(4096, 1000).requires_grad_(); x.grad = torch.zeros_like(x)
     t = torch.softmax(torch.randn(4096, 1000), 1)
-    tsum = t.sum(1)
-    full, check = [], []
+    flush = torch.empty(64 << 20)  # 256 MB, more than any cache
+    def full(): label_smoothing_cross_entropy(x, t, EPS).backward()
+    def sums(): t.sum(1)
+    def sums_and_checks(): tsum = t.sum(1); bool(t.amin() < 0) or bool((tsum - 1).abs().amax() > 1e-3)
+    times = {f: [] for f in (full, sums, sums_and_checks)}
     for _ in range(reps):
-        t0 = time.perf_counter(); label_smoothing_cross_entropy(x, t, EPS).backward(); full.append(time.perf_counter() - t0)
-        t0 = time.perf_counter(); bool(t.amin() < 0) or bool((tsum - 1).abs().amax() > 1e-3); check.append(time.perf_counter() - t0)
-    return statistics.median(check) / statistics.median(full)
+        for f, ts in times.items():
+            flush.fill_(1.)
+            t0 = time.perf_counter(); f(); ts.append(time.perf_counter() - t0)
+    m = {f: statistics.median(ts) for f, ts in times.items()}
+    return (m[sums_and_checks] - m[sums]) / m[full]
 
 def run(quick):
     # memory first: a child process starts with its parent's peak resident memory, so the parent must still be small
@@ -103,7 +110,7 @@ def show(rows, title):
 if __name__ == '__main__':
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('--quick', action='store_true', help='fewer repetitions, no memory runs')
-    p.add_argument('--no-save', action='store_true', help='do not write the CSV')
+    p.add_argument('--save', action='store_true', help='record the results for the docs page (benchmarks/results/)')
     p.add_argument('--child', action='store_true', help=argparse.SUPPRESS)
     a = p.parse_args()
     rows = run(a.quick)
@@ -121,7 +128,7 @@ if __name__ == '__main__':
         show(jrows, 'the same with jemalloc preloaded')
         rows += jrows
     else: print('\n(jemalloc not installed: apt-get install libjemalloc2 to see the figures with it)')
-    if not a.no_save:
+    if a.save and not a.quick:
         OUT.parent.mkdir(exist_ok=True)
         keys = list(dict.fromkeys(k for r in rows for k in r))
         with open(OUT, 'w', newline='') as f:

@@ -112,12 +112,18 @@ def _dot(x:Tensor, v:Tensor, axis:int) -> Tensor:
     if v.ndim == 1: return x @ v if axis == x.ndim - 1 else (x * _class_vec(v, x, axis)).sum(axis)
     return (x * v).sum(axis)
 
-def _softmax_lse(x:Tensor, axis:int):
+def _softmax_lse(x:Tensor, axis:int, idx:Tensor|None=None):
     "exp(x - lse) up to a per-row factor 1/s (s=None: exact), in the one N x K allocation, and the log-sum-exp"
     dt = _f32(x[:0]).dtype
-    if axis == x.ndim - 1:  # classes contiguous: torch's fused kernel, and lse read off where p is largest
+    if axis == x.ndim - 1:  # classes contiguous: torch's fused kernel, and lse read off p where it is not too small
         p = torch.softmax(x, axis, dtype=dt)
-        return p, x.amax(axis).to(dt) - p.amax(axis).log(), None  # p at the max logit is 1/sum(exp(x - max)) >= 1/K
+        if idx is None: return p, x.amax(axis).to(dt) - p.amax(axis).log(), None  # p at the max logit is >= 1/K
+        i = idx.unsqueeze(axis)
+        p_y = p.gather(axis, i).squeeze(axis)
+        lse = x.gather(axis, i).squeeze(axis).to(dt) - p_y.log()  # no pass over the logits: lse = x_y - log p_y
+        small = p_y < 1e-6  # there p_y's relative error (|x_y - lse| float32 ulps) would show: those rows the slow way
+        if small.any(): lse[small] = torch.logsumexp(x[small].to(dt), -1)
+        return p, lse, None
     m = x.amax(axis, keepdim=True).to(dt)  # classes strided (segmentation): elementwise ops beat torch's kernel there
     e = torch.sub(x, m).exp_()
     s = e.sum(axis)
@@ -127,7 +133,7 @@ class _FusedLabelSmoothing(torch.autograd.Function):
     "Per-row `A*lse - cT*<T,x> - cv*<v,x>`; keeps the softmax and turns it into the gradient in place"
     @staticmethod
     def forward(ctx, x, idx, soft, cT, cv, A, v, axis):
-        p, lse, s = _softmax_lse(x, axis)
+        p, lse, s = _softmax_lse(x, axis, idx)
         tx = x.gather(axis, idx.unsqueeze(axis)).squeeze(axis).to(p.dtype) if idx is not None else _dot(_f32(x), soft, axis)
         vx = x.mean(axis, dtype=p.dtype) if v is None else _dot(_f32(x), v, axis)
         ctx.save_for_backward(x, idx, soft, v)
@@ -159,8 +165,8 @@ def _targets(input:Tensor, target:Tensor, axis:int, ignore_index:int):
     K, rows = input.shape[axis], input.shape[:axis] + input.shape[axis+1:]
     if target.shape == input.shape and target.dtype.is_floating_point:
         t = _f32(target)
+        tsum = t.sum(axis)  # the loss needs the sums; the check's pass over t comes after, while t is still in cache
         if t.amin() < 0: raise ValueError("soft `target` has negative probabilities")
-        tsum = t.sum(axis)
         if (tsum - 1).abs().amax() > 1e-3: raise ValueError(f"soft `target` must sum to 1 over the class axis {axis}, got sums from {tsum.amin().item():.4f} to {tsum.amax().item():.4f}")
         return None, t, None, tsum
     if target.shape != rows and target.numel() == rows.numel() and not target.dtype.is_floating_point: target = target.reshape(rows)
