@@ -29,11 +29,10 @@ def _loss_settings(loss_func, eps=None, prior=None):
 # %% ../nbs/01_callbacks.ipynb #27edd39c
 def _target_entropy(n_classes:int, eps:float, prior=None) -> Tensor:
     "H(q') of the smoothed one-hot target of each class: the floor of `smooth_ce`"
-    K, xlogy = n_classes, lambda t: torch.special.xlogy(t, t)
+    K, xlogy, prior = n_classes, lambda t: torch.special.xlogy(t, t), _check_prior(prior, n_classes)
     if prior == 'others':
-        if K < 2: raise ValueError("`prior='others'` needs at least 2 classes")
         return -(xlogy(torch.tensor(1. - eps)) + (K - 1) * xlogy(torch.tensor(eps / (K - 1)))).expand(K)
-    a = eps * (torch.full((K,), 1 / K) if prior is None else _check_prior(prior, K))
+    a = eps * (torch.full((K,), 1 / K) if prior is None else prior)
     return -xlogy(a).sum() + xlogy(a) - xlogy(a + 1 - eps)
 
 # %% ../nbs/01_callbacks.ipynb #3b935389
@@ -51,6 +50,13 @@ def _labels(y:Tensor, pred:Tensor, axis:int) -> Tensor:
     y = y.as_subclass(Tensor)
     if y.dtype.is_floating_point and y.shape == pred.shape: y = y.argmax(axis)
     return y.reshape(-1).long()
+
+def _calibration_bins(conf:Tensor, correct:Tensor, bounds:Tensor, kept:Tensor|None=None) -> Tensor:
+    "(count, sum of confidence, sum of accuracy) of the `kept` rows per bin of `bounds`: torchmetrics' bins, [lo, hi) and a confidence of 1.0 on its own"
+    kept = torch.ones_like(conf) if kept is None else kept
+    idx = torch.bucketize(conf, bounds, right=True) - 1
+    bins = torch.zeros(len(bounds), 3, dtype=torch.float64, device=conf.device)
+    return bins.index_add_(0, idx, torch.stack([kept, conf * kept, correct * kept], 1).double())
 
 def _batch_stats(pred:Tensor, y:Tensor, consts:tuple, axis:int, ignore_index:int, bounds:Tensor|None=None, items:list|None=None):
     "Per batch (`items`: the batches' sizes on dim 0; default one), sums over the kept positions of (log p_y, <u, log p>, H(p), max p, H(q'), 1); with the bins' `bounds`, also (count, confidence, accuracy) per bin"
@@ -73,9 +79,7 @@ def _batch_stats(pred:Tensor, y:Tensor, consts:tuple, axis:int, ignore_index:int
     per_item = len(rows) // max(len(x), 1)
     sums = torch.stack([r.sum(0, dtype=torch.float64) for r in rows.split([n * per_item for n in items or [len(x)]])])
     if bounds is None: return sums
-    idx = torch.bucketize(conf, bounds, right=True) - 1  # torchmetrics' bins: [lo, hi), and a confidence of 1.0 on its own
-    bins = torch.zeros(len(bounds), 3, dtype=torch.float64, device=lp.device)
-    return sums, bins.index_add_(0, idx, torch.stack([rows[:, 5], rows[:, 3], (cls == y) * rows[:, 5]], 1).double())
+    return sums, _calibration_bins(conf, (cls == y).to(conf.dtype), bounds, rows[:, 5])
 
 def _concat(batches:list) -> list:
     "`(pred, target, batch sizes)` of consecutive `(pred, target)` batches concatenated on dim 0 where their shapes allow (usually all)"

@@ -18,9 +18,13 @@ __all__ = ['smooth_targets', 'reference_label_smoothing_cross_entropy', 'label_s
 # %% ../nbs/00_losses.ipynb #74392091
 _reductions, _weight_modes = ('mean', 'sum', 'none'), ('sample', 'torch', 'fastai')
 
+def _f32_dtype(dtype:torch.dtype) -> torch.dtype:
+    "The dtype computations run in: float32 for half precision; float32 and float64 stay as they are"
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
 def _f32(x:Tensor) -> Tensor:
-    "Half precision computes in float32; float32 and float64 stay as they are"
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    "`x` in the dtype computations run in (a copy only for half precision)"
+    return x.to(_f32_dtype(x.dtype))
 
 def _check_choice(name, value, choices):
     if value not in choices: raise ValueError(f"`{name}` must be one of {choices}, got {value!r}")
@@ -46,6 +50,7 @@ def _check_prior(prior, n_classes=None):
     "`None` (uniform), `'others'`, or a probability vector over the classes"
     if prior is None or isinstance(prior, str):
         if prior not in (None, 'others'): raise ValueError(f"`prior` must be None, 'others' or a tensor of class probabilities, got {prior!r}")
+        if prior == 'others' and n_classes is not None and n_classes < 2: raise ValueError("`prior='others'` needs at least 2 classes")
         return prior
     prior = _check_class_vector('prior', prior, n_classes)
     if abs(prior.sum().item() - 1) > 1e-4: raise ValueError(f"`prior` must sum to 1, got {prior.sum().item():.6f}")
@@ -112,15 +117,14 @@ def _dot(x:Tensor, v:Tensor, axis:int) -> Tensor:
     if v.ndim == 1: return x @ v if axis == x.ndim - 1 else (x * _class_vec(v, x, axis)).sum(axis)
     return (x * v).sum(axis)
 
-def _softmax_lse(x:Tensor, axis:int, idx:Tensor|None=None):
-    "exp(x - lse) up to a per-row factor 1/s (s=None: exact), in the one N x K allocation, and the log-sum-exp"
-    dt = _f32(x[:0]).dtype
+def _softmax_lse(x:Tensor, axis:int, idx:Tensor|None=None, x_y:Tensor|None=None):
+    "exp(x - lse) up to a per-row factor 1/s (s=None: exact), in the one N x K allocation, and the log-sum-exp (`x_y`: the logits at `idx`)"
+    dt = _f32_dtype(x.dtype)
     if axis == x.ndim - 1:  # classes contiguous: torch's fused kernel, and lse read off p where it is not too small
         p = torch.softmax(x, axis, dtype=dt)
         if idx is None: return p, x.amax(axis).to(dt) - p.amax(axis).log(), None  # p at the max logit is >= 1/K
-        i = idx.unsqueeze(axis)
-        p_y = p.gather(axis, i).squeeze(axis)
-        lse = x.gather(axis, i).squeeze(axis).to(dt) - p_y.log()  # no pass over the logits: lse = x_y - log p_y
+        p_y = p.gather(axis, idx.unsqueeze(axis)).squeeze(axis)
+        lse = x_y - p_y.log()  # no pass over the logits: lse = x_y - log p_y
         small = p_y < 1e-6  # there p_y's relative error (|x_y - lse| float32 ulps) would show: those rows the slow way
         if small.any(): lse[small] = torch.logsumexp(x[small].to(dt), -1)
         return p, lse, None
@@ -133,9 +137,10 @@ class _FusedLabelSmoothing(torch.autograd.Function):
     "Per-row `A*lse - cT*<T,x> - cv*<v,x>`; keeps the softmax and turns it into the gradient in place"
     @staticmethod
     def forward(ctx, x, idx, soft, cT, cv, A, v, axis):
-        p, lse, s = _softmax_lse(x, axis, idx)
-        tx = x.gather(axis, idx.unsqueeze(axis)).squeeze(axis).to(p.dtype) if idx is not None else _dot(_f32(x), soft, axis)
-        vx = x.mean(axis, dtype=p.dtype) if v is None else _dot(_f32(x), v, axis)
+        dt = _f32_dtype(x.dtype)
+        tx = x.gather(axis, idx.unsqueeze(axis)).squeeze(axis).to(dt) if idx is not None else _dot(_f32(x), soft, axis)
+        p, lse, s = _softmax_lse(x, axis, idx, tx)
+        vx = x.mean(axis, dtype=dt) if v is None else _dot(_f32(x), v, axis)
         ctx.save_for_backward(x, idx, soft, v)
         ctx.axis, ctx.coefs, ctx.p, ctx.s = axis, (A, cT, cv), p, s
         return A * lse - cT * tx - cv * vx
@@ -177,9 +182,11 @@ def _targets(input:Tensor, target:Tensor, axis:int, ignore_index:int):
     elif target.dtype == torch.bool: raise ValueError("`target` must be class indices or soft targets, got a bool tensor")
     idx = target.long()
     lo, hi = _range(idx)
-    keep = idx != ignore_index if lo <= ignore_index <= hi else None  # look for ignored positions only if there can be some
-    if keep is not None and keep.all(): keep = None
-    if keep is not None: idx = torch.where(keep, idx, 0); lo, hi = _range(idx)
+    keep = None
+    if lo <= ignore_index <= hi:  # look for ignored positions only if there can be some
+        keep = idx != ignore_index
+        if keep.all(): keep = None
+        else: idx = torch.where(keep, idx, 0); lo, hi = _range(idx)
     if lo < 0 or hi >= K:
         raise ValueError(f"`target` holds class indices outside [0, {K}) that are not `ignore_index` ({ignore_index})")
     return idx, None, keep, None
@@ -216,11 +223,10 @@ def label_smoothing_cross_entropy(
     axis = axis % x.ndim
     K = x.shape[axis]
     prior, weight = _check_prior(prior, K), _check_class_vector('weight', weight, K)
-    if prior == 'others' and K < 2: raise ValueError("`prior='others'` needs at least 2 classes")
     if target.requires_grad and target.dtype.is_floating_point:  # gradients for soft targets: the plain formula
         return reference_label_smoothing_cross_entropy(x, target, eps, weight, reduction, prior, ignore_index, axis, weight_mode)
     idx, soft, keep, tsum = _targets(x, target, axis, ignore_index)
-    dt = _f32(x).dtype
+    dt = _f32_dtype(x.dtype)
     n = tsum.numel() if idx is None else idx.numel()
     with torch.no_grad():  # the per-row numbers; plain floats where they are the same for every row
         v = None if prior is None or isinstance(prior, str) else prior.to(x.device, dt)
@@ -326,10 +332,4 @@ class LabelSmoothingCrossEntropyFlat(BaseLoss):
         keep = torch.ones_like(loss) if targ.dtype.is_floating_point else (targ.reshape(loss.shape) != self.func.ignore_index).float()
         return loss.flatten(1).sum(1) / keep.flatten(1).sum(1).clamp_min(1)
 
-    def activation(self, out:Tensor) -> Tensor:
-        "Softmax over the class axis"
-        return F.softmax(out, dim=self.axis)
-
-    def decodes(self, out:Tensor) -> Tensor:
-        "Argmax over the class axis"
-        return out.argmax(dim=self.axis)
+    activation, decodes = LabelSmoothingCrossEntropy.activation, LabelSmoothingCrossEntropy.decodes  # over `self.axis`
