@@ -20,7 +20,7 @@ from fastai.torch_core import set_seed
 import fastai.callback.schedule, fastai.callback.progress  # `Learner.fit_one_cycle`, the progress table
 import fastprogress.fastprogress
 from .losses import LabelSmoothingCrossEntropy
-from .callbacks import EntropyLogger
+from .callbacks import EntropyLogger, _calibration_bins, _ece
 
 # %% auto #0
 __all__ = ['digits_dls', 'digits_model', 'train', 'calibration_error', 'summarize', 'compare', 'summary_table', 'recorder_table',
@@ -83,12 +83,10 @@ def calibration_error(
     probs:torch.Tensor, # predicted probabilities, (N, K)
     targs:torch.Tensor, # class indices, (N,)
     n_bins:int=15, # number of equal-width confidence bins
-) -> torch.Tensor:
-    "Expected calibration error (L1) of the top-1 predictions over `n_bins` equal-width confidence bins"
+) -> float|None: # `None` without predictions
+    "Expected calibration error (L1) of the top-1 predictions over `n_bins` equal-width confidence bins, as `EntropyLogger` computes it"
     conf, pred = probs.float().max(1)
-    bins = (torch.bucketize(conf, torch.linspace(0, 1, n_bins + 1, device=conf.device), right=True) - 1).clamp(0, n_bins - 1)
-    gaps = torch.zeros(n_bins, device=conf.device).index_add_(0, bins, (pred == targs).float() - conf)
-    return gaps.abs().sum() / len(targs)
+    return _ece(_calibration_bins(conf, (pred == targs).float(), torch.linspace(0, 1, n_bins + 1, device=conf.device)))
 
 # %% ../nbs/02_demo.ipynb #a54a4e96
 def summarize(
@@ -106,7 +104,7 @@ def summarize(
     probs = torch.softmax(logits.float(), 1)
     return {'accuracy': (probs.argmax(1) == targs).float().mean().item(),
             'nll': F.cross_entropy(logits.float(), targs).item(),
-            'ece': calibration_error(probs, targs, n_bins).item(),
+            'ece': calibration_error(probs, targs, n_bins),
             'confidence': probs.max(1).values.mean().item()}
 
 # %% ../nbs/02_demo.ipynb #0812cec4
