@@ -43,16 +43,20 @@ def make(case, seed=0):
 def step(impl, x, y, axis):
     IMPLS[impl](x, y, axis).backward()
 
+def medians(fns, reps, before=None):
+    "Median seconds of each function in the dict `fns`, run in turns (the order rotating), `before()` ahead of each timing"
+    times = {k: [] for k in fns}
+    for r in range(reps):
+        for k in list(fns)[r % len(fns):] + list(fns)[:r % len(fns)]:
+            if before: before()
+            t0 = time.perf_counter(); fns[k](); times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(ts) for k, ts in times.items()}
+
 def time_case(case, reps):
     "Median seconds of one forward+backward per implementation, runs interleaved"
     x, y, axis = make(case)
     for impl in IMPLS: step(impl, x, y, axis)  # warm-up
-    times = {impl: [] for impl in IMPLS}
-    for r in range(reps):
-        order = list(IMPLS)[r % 3:] + list(IMPLS)[:r % 3]
-        for impl in order:
-            t0 = time.perf_counter(); step(impl, x, y, axis); times[impl].append(time.perf_counter() - t0)
-    return {impl: statistics.median(ts) for impl, ts in times.items()}
+    return medians({impl: (lambda impl=impl: step(impl, x, y, axis)) for impl in IMPLS}, reps)
 
 def peak_memory(impl, case):
     "In a fresh process: growth of peak RSS over one forward+backward, in multiples of the logits' size"
@@ -76,16 +80,10 @@ def soft_check_share(reps=31):
     x = torch.randn(4096, 1000).requires_grad_(); x.grad = torch.zeros_like(x)
     t = torch.softmax(torch.randn(4096, 1000), 1)
     flush = torch.empty(64 << 20)  # 256 MB, more than any cache
-    def full(): label_smoothing_cross_entropy(x, t, EPS).backward()
-    def sums(): t.sum(1)
     def sums_and_checks(): tsum = t.sum(1); bool(t.amin() < 0) or bool((tsum - 1).abs().amax() > 1e-3)
-    times = {f: [] for f in (full, sums, sums_and_checks)}
-    for _ in range(reps):
-        for f, ts in times.items():
-            flush.fill_(1.)
-            t0 = time.perf_counter(); f(); ts.append(time.perf_counter() - t0)
-    m = {f: statistics.median(ts) for f, ts in times.items()}
-    return (m[sums_and_checks] - m[sums]) / m[full]
+    m = medians(dict(full=lambda: label_smoothing_cross_entropy(x, t, EPS).backward(), sums=lambda: t.sum(1),
+                     checks=sums_and_checks), reps, before=lambda: flush.fill_(1.))
+    return (m['checks'] - m['sums']) / m['full']
 
 def run(quick):
     # memory first: a child process starts with its parent's peak resident memory, so the parent must still be small
