@@ -220,3 +220,93 @@ def test_pickle_and_buffers():
     close(lf(x, y), label_smoothing_bce_with_logits(x, y, 0.2, torch.tensor([1., 2.]), prior=torch.tensor([.1, .3]),
                                                     ignore_index=-1))
     assert set(lf.func.state_dict()) == {'weight', 'prior'}
+
+# ---- EntropyLogger with multi-label losses ----
+
+from torchmetrics.functional.classification import binary_calibration_error
+from label_smoothing_fa.callbacks import EntropyLogger
+
+LOGGED = ['smooth_ce', 'target_entropy', 'kl', 'entropy', 'confidence', 'nll']
+
+def reference_binary(probs, targs, eps, prior=None, ignore_index=None):
+    "The logged means over kept labels, from the definitions in float64, and torchmetrics' binary ECE"
+    keep = torch.ones_like(targs, dtype=torch.bool) if ignore_index is None else targs != ignore_index
+    y = (targs[keep] > 0.5).double()
+    u = 0.5 if prior is None else prior
+    if isinstance(u, torch.Tensor): u = u.double().expand(targs.shape)[keep]
+    t, p = (1 - eps) * y + eps * u, probs.double()[keep]
+    h = lambda q: -(torch.special.xlogy(q, q) + torch.special.xlogy(1 - q, 1 - q))
+    sce = -(torch.special.xlogy(t, p) + torch.special.xlogy(1 - t, 1 - p))
+    nll = -torch.where(y > 0.5, p.log(), (1 - p).log())
+    means = dict(zip(LOGGED, torch.stack([sce, h(t), sce - h(t), h(p), torch.maximum(p, 1 - p), nll]).mean(1).tolist()))
+    return means, binary_calibration_error(probs[keep].float(), y.long(), n_bins=15).item()
+
+def check_logger(learn, eps, prior=None, ignore_index=None, act=None):
+    last = dict(zip([n.removeprefix('valid_') for n in learn.recorder.metric_names[1:-1]], learn.recorder.values[-1]))
+    valid_loss = learn.recorder.values[-1][1]
+    probs, targs = learn.get_preds(act=act)  # (it starts the Recorder afresh)
+    ref, ece = reference_binary(probs, targs, eps, prior, ignore_index)
+    ref['valid_loss'] = valid_loss
+    for k in ('smooth_ce', 'kl', 'entropy', 'confidence'): close(torch.tensor(last[k]), torch.tensor(ref[k]))
+    close(torch.tensor(last['ece']), torch.tensor(ece), 1e-6)
+    v = learn.entropy_logger.valid_history.iloc[-1]
+    for k in LOGGED: close(torch.tensor(v[k]), torch.tensor(ref[k]))
+    return ref
+
+@pytest.mark.parametrize('loss', ['ours', 'ours_prior', 'fastai', 'torch', 'explicit'])
+def test_entropy_logger_multilabel(loss):
+    prior = torch.tensor([.3, .3, .6])
+    loss_func, logger, kw = {
+        'ours': (LabelSmoothingBCEWithLogitsFlat(0.2), EntropyLogger(), dict(eps=0.2)),
+        'ours_prior': (LabelSmoothingBCEWithLogitsFlat(0.1, prior=prior), EntropyLogger(), dict(eps=0.1, prior=prior)),
+        'fastai': (fl.BCEWithLogitsLossFlat(), EntropyLogger(), dict(eps=0.1)),
+        'torch': (nn.BCEWithLogitsLoss(), EntropyLogger(eps=0.05), dict(eps=0.05, act=torch.sigmoid)),
+        'explicit': (lambda x, y: F.binary_cross_entropy_with_logits(x, y), EntropyLogger(multilabel=True, prior=0.4),
+                     dict(eps=0.1, prior=0.4, act=torch.sigmoid)),
+    }[loss]
+    learn, _ = make_learner(loss_func, cbs=[logger])
+    with learn.no_bar(), learn.no_logging(): learn.fit(3)
+    assert learn.entropy_logger._multilabel
+    ref = check_logger(learn, **kw)
+    if loss.startswith('ours'):  # smooth_ce is the loss's value: valid_loss
+        close(torch.tensor(ref['valid_loss']), torch.tensor(ref['smooth_ce']))
+    h = learn.entropy_logger.history
+    assert len(h) == 3 * len(learn.dls.train) and (h['kl'] >= -1e-6).all()
+    # per batch: kl = smooth_ce - floor, a mean of max(p, 1 - p) (batch values: test_entropy_logger_history_matches_batches)
+    assert ((h['smooth_ce'] - h['target_entropy']).abs() - h['kl'] < 1e-6).all()
+    assert (h['confidence'] >= 0.5).all() and (h['confidence'] <= 1).all()
+    import matplotlib; matplotlib.use('Agg')
+    import matplotlib.figure
+    assert isinstance(learn.entropy_logger.plot(), matplotlib.figure.Figure)
+    assert isinstance(learn.entropy_logger.plot_reliability(), matplotlib.figure.Figure)
+    r = learn.entropy_logger.reliability
+    assert r['count'].sum() == 3 * len(learn.dls.valid_ds)  # one row per label
+
+def test_entropy_logger_ignored_labels_and_segmentation():
+    "Segmentation-shaped output (N, K, H, W) with ignored labels, through a plain DataLoaders"
+    from fastai.data.core import DataLoaders
+    from fastai.data.load import DataLoader
+    torch.manual_seed(0)
+    x = torch.randn(96, 2, 4, 4)
+    y = torch.stack([(x[:, 0] > 0), (x[:, 1] > 0.5), (x.sum(1) > 0)], 1).float()
+    y = torch.where(torch.rand(y.shape) < 0.2, -1., y)
+    ds = list(zip(x, y))
+    dls = DataLoaders(DataLoader(ds[:64], bs=16, shuffle=True), DataLoader(ds[64:], bs=16))
+    loss = LabelSmoothingBCEWithLogitsFlat(0.1, ignore_index=-1, prior=torch.tensor([.5, .3, .5]))
+    learn = Learner(dls, nn.Conv2d(2, 3, 1), loss_func=loss, lr=0.05, cbs=[EntropyLogger()])
+    with learn.no_bar(), learn.no_logging(): learn.fit(2)
+    ref = check_logger(learn, 0.1, torch.tensor([.5, .3, .5]).view(3, 1, 1), ignore_index=-1)
+    close(torch.tensor(ref['valid_loss']), torch.tensor(ref['smooth_ce']))
+
+def test_entropy_logger_history_matches_batches():
+    "Each training batch's row of the history is its prediction's statistics (checked on a fixed model: lr 0)"
+    learn, _ = make_learner(LabelSmoothingBCEWithLogitsFlat(0.1), cbs=[EntropyLogger()])
+    learn.lr = 0.
+    with learn.no_bar(), learn.no_logging(): learn.fit(1)
+    preds, targs = [], []
+    for xb, yb in learn.dls.train:  # shuffled again: compare the mean over the epoch, weighted by batch size
+        preds.append(learn.model(xb).detach()); targs.append(yb)
+    ref, _ = reference_binary(torch.cat(preds).sigmoid(), torch.cat(targs), 0.1)
+    h = learn.entropy_logger.history
+    close(torch.tensor(h['smooth_ce'].mean()), torch.tensor(ref['smooth_ce']), 1e-5)
+    close(torch.tensor(h['target_entropy'].iloc[0]), torch.tensor(ref['target_entropy']), 1e-3)
