@@ -10,8 +10,9 @@ from torch import Tensor
 from fastcore.basics import store_attr, patch
 from fastai.learner import Metric
 from fastai.callback.core import Callback
-import fastai.losses
+import fastai.losses, torch.nn as nn
 from .losses import LabelSmoothingCrossEntropy, _check_eps, _check_prior, _f32
+from .multilabel import LabelSmoothingBCEWithLogits, _per_label
 
 # %% auto #0
 __all__ = ['EntropyLogger']
@@ -25,6 +26,26 @@ def _loss_settings(loss_func, eps=None, prior=None):
         else: eps = getattr(func, 'label_smoothing', 0.) or 0.1  # torch's `nn.CrossEntropyLoss(label_smoothing=...)`
     if prior is None and isinstance(func, LabelSmoothingCrossEntropy): prior = func.prior
     return _check_eps(eps), _check_prior(prior), getattr(loss_func, 'axis', 1), getattr(func, 'ignore_index', -100)
+
+# %% ../nbs/01_callbacks.ipynb #8b356a53
+def _is_multilabel(loss_func) -> bool:
+    "Whether `loss_func` is a binary/multi-label loss: ours, fastai's `BCEWithLogitsLossFlat` or torch's"
+    return isinstance(getattr(loss_func, 'func', loss_func), (LabelSmoothingBCEWithLogits, nn.BCEWithLogitsLoss))
+
+def _check_label_prior(prior):
+    "`None` (0.5), a float, or a tensor of per-label probabilities of being positive"
+    if prior is None: return None
+    checked = _per_label('prior', prior, torch.as_tensor(prior).float(), at_most=1.)
+    return checked if checked.ndim else float(prior)
+
+def _multilabel_settings(loss_func, eps=None, prior=None):
+    "`(eps, prior, label axis, ignore_index)` for a multi-label loss: the given ones, else the loss's, else 0.1, 0.5"
+    func = getattr(loss_func, 'func', loss_func)
+    ours = isinstance(func, LabelSmoothingBCEWithLogits)
+    if eps is None: eps = func.eps if ours else 0.1
+    if prior is None and ours: prior = func.prior
+    ignore = func.ignore_index if ours else None
+    return _check_eps(eps), _check_label_prior(prior), 1, -100 if ignore is None else ignore
 
 # %% ../nbs/01_callbacks.ipynb #27edd39c
 def _target_entropy(n_classes:int, eps:float, prior=None) -> Tensor:
@@ -58,8 +79,9 @@ def _calibration_bins(conf:Tensor, correct:Tensor, bounds:Tensor, kept:Tensor|No
     bins = torch.zeros(len(bounds), 3, dtype=torch.float64, device=conf.device)
     return bins.index_add_(0, idx, torch.stack([kept, conf * kept, correct * kept], 1).double())
 
-def _batch_stats(pred:Tensor, y:Tensor, consts:tuple, axis:int, ignore_index:int, bounds:Tensor|None=None, items:list|None=None):
-    "Per batch (`items`: the batches' sizes on dim 0; default one), sums over the kept positions of (log p_y, <u, log p>, H(p), max p, H(q'), 1); with the bins' `bounds`, also (count, confidence, accuracy) per bin"
+def _batch_stats(pred:Tensor, y:Tensor, consts:tuple, axis:int, ignore_index:int, bounds:Tensor|None=None, items:list|None=None,
+                 binary:bool=False):
+    "Per batch (`items`: the batches' sizes on dim 0; default one), sums over the kept positions of (log p_y, <u, log p>, H(p), max p, H(q'), 1); with the bins' `bounds`, also (count, confidence, accuracy) per bin; `consts` may hold one prior and H(q') row per position; `binary`: two-class rows (0, x) of independent labels, binned by p(positive) as torchmetrics' binary ECE"
     v, Hq = consts
     x = _f32(pred.detach().as_subclass(Tensor))
     K = x.shape[axis]
@@ -74,12 +96,14 @@ def _batch_stats(pred:Tensor, y:Tensor, consts:tuple, axis:int, ignore_index:int
     yi = y.masked_fill(ign, 0)
     if bounds is None: p, conf = lp.exp(), lp.amax(1).exp_()
     else: conf, cls = p.max(1)
-    rows = torch.stack([lp.gather(1, yi.unsqueeze(1)).squeeze(1), lp.mean(1) if v is None else lp @ v,
-                        torch.special.entr(p).sum(1), conf, Hq.take(yi), torch.ones_like(conf)], 1).masked_fill_(ign.unsqueeze(1), 0)
+    rows = torch.stack([lp.gather(1, yi.unsqueeze(1)).squeeze(1), lp.mean(1) if v is None else lp @ v if v.ndim == 1 else (lp * v).sum(1),
+                        torch.special.entr(p).sum(1), conf, Hq.take(yi) if Hq.ndim == 1 else Hq.gather(1, yi.unsqueeze(1)).squeeze(1), torch.ones_like(conf)], 1).masked_fill_(ign.unsqueeze(1), 0)
     per_item = len(rows) // max(len(x), 1)
     sums = torch.stack([r.sum(0, dtype=torch.float64) for r in rows.split([n * per_item for n in items or [len(x)]])])
     if bounds is None: return sums
-    return sums, _calibration_bins(conf, (cls == y).to(conf.dtype), bounds, rows[:, 5])
+    if binary: conf, correct = x.select(axis, 1).reshape(-1).sigmoid(), (y == 1).to(conf.dtype)  # p and y of the label
+    else: correct = (cls == y).to(conf.dtype)
+    return sums, _calibration_bins(conf, correct, bounds, rows[:, 5])
 
 def _concat(batches:list) -> list:
     "`(pred, target, batch sizes)` of consecutive `(pred, target)` batches concatenated on dim 0 where their shapes allow (usually all)"
@@ -103,6 +127,19 @@ def _ece(bins:Tensor) -> float|None:
     "L1 expected calibration error from (count, sum of confidence, sum of accuracy) per bin; `None` without samples"
     n = bins[:, 0].sum()
     return ((bins[:, 2] - bins[:, 1]).abs().sum() / n).item() if n > 0 else None
+
+# %% ../nbs/01_callbacks.ipynb #8122f8f8
+def _binary_view(pred:Tensor, y:Tensor, eps:float, prior=None, ignore_index:int=-100):
+    "Each label as a two-class row: logits (0, x) on a new last axis, labels 0/1 (or `ignore_index`), per-row constants"
+    x = _f32(pred.detach().as_subclass(Tensor))
+    y = y.as_subclass(Tensor)
+    lab = torch.where(y == ignore_index, ignore_index, (y > 0.5).long())
+    u = _per_label('prior', 0.5 if prior is None else prior, x, at_most=1.).expand_as(x)
+    h = lambda t: torch.special.entr(t) + torch.special.entr(1 - t)  # binary entropy
+    a = eps * u  # y' of a negative label; a positive one's is a + 1 - eps
+    floor = torch.stack([h(a), h(a + 1 - eps)], -1).reshape(-1, 2)
+    v = None if prior is None else torch.stack([1 - u, u], -1).reshape(-1, 2)
+    return torch.stack([torch.zeros_like(x), x], -1), lab, (v, floor)
 
 # %% ../nbs/01_callbacks.ipynb #d8631627
 def _n_real(dl, bs:int) -> int:
@@ -134,18 +171,21 @@ class EntropyLogger(Callback):
         prior:str|Tensor|None=None, # `None`: the loss's prior, else uniform; 'others'; or a tensor of K class probabilities
         n_bins:int=15, # equal-width confidence bins of the ECE
         every:int=1, # log every `every`-th training batch in the history
+        multilabel:bool|None=None, # independent labels (sigmoid); `None`: whether the loss is a binary/multi-label one
     ):
         super().__init__()
         for name, n in (('n_bins', n_bins), ('every', every)):
             if isinstance(n, bool) or not isinstance(n, int) or n < 1: raise ValueError(f"`{name}` must be a positive integer, got {n!r}")
-        self.eps, self.prior = None if eps is None else _check_eps(eps), _check_prior(prior)
-        store_attr('n_bins,every')
+        prior = _check_label_prior(prior) if multilabel else _check_prior(prior)  # per-label priors: `multilabel=True`
+        self.eps, self.prior = None if eps is None else _check_eps(eps), prior
+        store_attr('n_bins,every,multilabel')
         self._init_state()
 
     def _init_state(self):
         "Empty history and buffers: when created, and when unpickled (they are not pickled)"
         self._rows, self._at, self._vrows, self._bins, self._cache, self._values = [], [], [], None, None, {}
         self._valid, self._vsum, self._vbins, self._new_fit, self._mean_args = False, None, None, False, (0.1, 0)
+        self._multilabel = False
         self._now = dict(yb=(), fresh=False, iter=0, buffered=0)  # the batch's labels, whether it has a prediction, the fit's training batches
         self._tbuf, self._vbuf = [], []  # (prediction, labels) of the batches not computed yet, training and validation
 
@@ -158,7 +198,10 @@ class EntropyLogger(Callback):
         "Settings from the loss, and our columns into `learn.metrics`; off for `get_preds`, `validate` and `lr_find`"
         self.run = not (hasattr(self.learn, 'lr_finder') or self._predicting())
         if not self.run: return
-        self._eps, self._prior, self._axis, self._ignore = _loss_settings(self.learn.loss_func, self.eps, self.prior)
+        ml = self.multilabel
+        self._multilabel = _is_multilabel(self.learn.loss_func) if ml is None else ml
+        settings = _multilabel_settings if self._multilabel else _loss_settings
+        self._eps, self._prior, self._axis, self._ignore = settings(self.learn.loss_func, self.eps, self.prior)
         self._cache, self._new_fit, self._now = None, True, dict(yb=(), fresh=False, iter=0, buffered=0)
         self.learn.metrics = [m for m in self.learn.metrics if not isinstance(m, _EpochValue)] + [_EpochValue(self, n) for n in _recorded]
 
@@ -182,9 +225,10 @@ class EntropyLogger(Callback):
 
     def _consts(self, pred:Tensor) -> tuple:
         "The fit's constants for `pred`'s classes and device, computed once"
-        K, dev = pred.shape[self._axis], pred.device
+        K, dev = (2 if self._multilabel else pred.shape[self._axis]), pred.device  # multi-label: per batch, `_binary_view`
         if self._cache is None or self._cache[:2] != (K, dev):
-            self._cache = (K, dev, _stat_consts(K, self._eps, self._prior, dev), torch.linspace(0, 1, self.n_bins + 1, device=dev))
+            prior = None if self._multilabel else self._prior
+            self._cache = (K, dev, _stat_consts(K, self._eps, prior, dev), torch.linspace(0, 1, self.n_bins + 1, device=dev))
             self._mean_args = (self._eps, K if self._prior == 'others' else 0)
         return self._cache[2:]
 
@@ -208,9 +252,11 @@ class EntropyLogger(Callback):
         buf = self._vbuf if valid else self._tbuf
         if not buf: return
         consts, bounds = self._consts(buf[0][0])
+        axis, ml = self._axis, self._multilabel
         for pred, y, items in _concat(buf):
-            if not valid: self._rows.append(_batch_stats(pred, y, consts, self._axis, self._ignore, items=items)); continue
-            sums, bins = _batch_stats(pred, y, consts, self._axis, self._ignore, bounds, items)
+            if ml: pred, y, consts = _binary_view(pred, y, self._eps, self._prior, self._ignore); axis = -1
+            if not valid: self._rows.append(_batch_stats(pred, y, consts, axis, self._ignore, items=items, binary=ml)); continue
+            sums, bins = _batch_stats(pred, y, consts, axis, self._ignore, bounds, items, binary=ml)
             if self._vsum is None: self._vsum, self._vbins = sums.sum(0), bins
             else: self._vsum.add_(sums.sum(0)); self._vbins.add_(bins)
         buf.clear(); self._now['buffered'] = 0
@@ -298,6 +344,6 @@ def plot_reliability(self:EntropyLogger,
     ax.hlines(conf, mid[has] - w / 2, mid[has] + w / 2, color='C3', lw=2, label='mean confidence')
     ax.stairs(n / n.sum(), torch.linspace(0, 1, self.n_bins + 1).numpy(), color='grey', lw=1.5, label='share of samples')
     ax.plot([0, 1], [0, 1], '--', color='k', lw=1)
-    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel='confidence', ylabel='accuracy', title=f"reliability, ECE = {_ece(self._bins):.4f}")
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel='p (positive)' if self._multilabel else 'confidence', ylabel='share positive' if self._multilabel else 'accuracy', title=f"reliability, ECE = {_ece(self._bins):.4f}")
     ax.legend(loc='upper left', fontsize='small', framealpha=0.9)
     return ax.figure
