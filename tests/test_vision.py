@@ -184,12 +184,11 @@ def test_fine_tune(fine_tuned):
     assert (logits.argmax(1) == targs).float().mean() > 0.2  # chance is 0.1
 
 
-@pytest.mark.xfail(strict=True, reason="EntropyLogger forgets the history of the last fit when a new fit starts, so "
-                   "fine_tune's frozen phase is lost; flip when the callback keeps both phases (nbs/01_callbacks.ipynb)")
 def test_fine_tune_keeps_both_phases(fine_tuned, cls_dls):
     log = fine_tuned.entropy_logger
-    assert len(log.valid_history) == 2  # one validation epoch per phase
+    assert len(log.valid_history) == 2 and log.valid_history['fit'].tolist() == [0, 1]  # one epoch per phase
     assert len(log.history) == 2 * len(cls_dls.train)  # every training batch of both phases
+    assert log.history['fit'].tolist() == [0] * len(cls_dls.train) + [1] * len(cls_dls.train)
 
 
 def test_export_load_learner(trained, cls_dls, tmp_path):
@@ -250,11 +249,9 @@ def test_unet_learner_segmentation(seg_dls):
     assert pixel_acc > max((masks[kept] == c).float().mean() for c in (0, 1))
 
 
-@pytest.mark.xfail(strict=True, reason="the loss's shape error does not yet say which `axis` to pass for a "
-                   "segmentation output (nbs/00_losses.ipynb); flip when it names axis=1")
 def test_segmentation_default_axis_says_which_axis(seg_dls):
     xb, yb = seg_dls.one_batch()
     set_seed(42)
     learn = unet_learner(seg_dls, resnet18, pretrained=False, n_out=2, loss_func=LabelSmoothingCrossEntropyFlat())
     with torch.no_grad(): out = learn.model(xb)
-    with pytest.raises(ValueError, match=r'axis=1'): learn.loss_func(out, yb)
+    with pytest.raises(ValueError, match=r'pass `axis=1`'): learn.loss_func(out, yb)
