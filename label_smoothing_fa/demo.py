@@ -17,7 +17,8 @@ from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat
 from fastai.metrics import accuracy
 from fastai.torch_core import set_seed
-import fastai.callback.schedule, fastai.callback.progress  # `Learner.fit_one_cycle`, the progress table
+# `Learner.fit_one_cycle`, the progress table
+import fastai.callback.schedule, fastai.callback.progress
 import fastprogress.fastprogress
 from .losses import LabelSmoothingCrossEntropy
 from .callbacks import EntropyLogger, _calibration_bins, _ece
@@ -31,10 +32,12 @@ def digits_dls(
     bs:int=64, # batch size
     valid_pct:float=0.2, # share of the images held out for validation
     seed:int=42, # seed of the random split (and of the training shuffle)
-    num_workers:int=0, # data-loading processes; 0 loads in the main process, fastest for data this small
+    num_workers:int=0, # data-loading processes; 0: in the main process, fastest for data this small
 ) -> DataLoaders:
-    "fastai `DataLoaders` over scikit-learn's 8x8 digits: standardised (64,) float inputs, labels '0' to '9'"
-    if not 0 < valid_pct < 1: raise ValueError(f"`valid_pct` must be between 0 and 1, got {valid_pct}")
+    ("fastai `DataLoaders` over scikit-learn's 8x8 digits: "
+     "standardised (64,) float inputs, labels '0' to '9'")
+    if not 0 < valid_pct < 1:
+        raise ValueError(f"`valid_pct` must be between 0 and 1, got {valid_pct}")
     if bs < 1: raise ValueError(f"`bs` must be a positive integer, got {bs}")
     digits = load_digits()
     x = torch.tensor(digits.data, dtype=torch.float32)
@@ -42,7 +45,8 @@ def digits_dls(
     splits = RandomSplitter(valid_pct, seed)(range(len(labels)))
     train_x = x[splits[0]]
     x = (x - train_x.mean()) / train_x.std()
-    dsets = Datasets(list(zip(x, labels)), tfms=[[ItemGetter(0)], [ItemGetter(1), Categorize()]], splits=splits)
+    tfms = [[ItemGetter(0)], [ItemGetter(1), Categorize()]]
+    dsets = Datasets(list(zip(x, labels)), tfms=tfms, splits=splits)
     return dsets.dataloaders(bs=bs, seed=seed, num_workers=num_workers)
 
 # %% ../nbs/02_demo.ipynb #2ff1a096
@@ -70,10 +74,11 @@ def train(
     if threads: torch.set_num_threads(threads)
     try:
         set_seed(seed, reproducible=True)
-        learn = Learner(digits_dls(bs=bs, seed=seed), digits_model(), loss_func=loss_func or CrossEntropyLossFlat(),
-                        metrics=accuracy, cbs=cbs)
+        learn = Learner(digits_dls(bs=bs, seed=seed), digits_model(),
+                        loss_func=loss_func or CrossEntropyLossFlat(), metrics=accuracy, cbs=cbs)
         with ExitStack() as stack:
-            if not progress: stack.enter_context(learn.no_bar()); stack.enter_context(learn.no_logging())
+            if not progress:
+                stack.enter_context(learn.no_bar()); stack.enter_context(learn.no_logging())
             learn.fit_one_cycle(epochs, lr)
     finally: torch.set_num_threads(n_threads)
     return learn
@@ -84,9 +89,11 @@ def calibration_error(
     targs:torch.Tensor, # class indices, (N,)
     n_bins:int=15, # number of equal-width confidence bins
 ) -> float|None: # `None` without predictions
-    "Expected calibration error (L1) of the top-1 predictions over `n_bins` equal-width confidence bins, as `EntropyLogger` computes it"
+    ("Expected calibration error (L1) of the top-1 predictions over `n_bins` equal-width "
+     "confidence bins, as `EntropyLogger` computes it")
     conf, pred = probs.float().max(1)
-    return _ece(_calibration_bins(conf, (pred == targs).float(), torch.linspace(0, 1, n_bins + 1, device=conf.device)))
+    edges = torch.linspace(0, 1, n_bins + 1, device=conf.device)
+    return _ece(_calibration_bins(conf, (pred == targs).float(), edges))
 
 # %% ../nbs/02_demo.ipynb #a54a4e96
 def summarize(
@@ -94,8 +101,10 @@ def summarize(
     n_bins:int=15, # confidence bins of the calibration error
 ) -> dict:
     "Accuracy, NLL, ECE and mean confidence of `learn`'s predictions on its validation set"
-    rec = learn.recorder  # `get_preds`, like `validate`, restarts the `Recorder` with one row: keep the fit's history
-    kept = {k: getattr(rec, k) for k in ('lrs', 'iters', 'losses', 'values', 'metric_names') if hasattr(rec, k)}
+    # `get_preds`, like `validate`, restarts the `Recorder` with one row: keep the fit's history
+    rec = learn.recorder
+    attrs = ('lrs', 'iters', 'losses', 'values', 'metric_names')
+    kept = {k: getattr(rec, k) for k in attrs if hasattr(rec, k)}
     try:
         with learn.no_bar(): logits, targs = learn.get_preds(act=noop)
     finally:
@@ -115,13 +124,15 @@ def compare(
     seed:int=42, # the same seed for both runs
     progress:bool=True, # show fastai's progress bar and table, under the run's name
 ) -> dict:
-    "Train with plain cross-entropy and with `LabelSmoothingCrossEntropy(eps)`, both with an `EntropyLogger`; a dict of the two `Learner`s"
+    ("Train with plain cross-entropy and with `LabelSmoothingCrossEntropy(eps)`, "
+     "both with an `EntropyLogger`; a dict of the two `Learner`s")
     runs = {'cross-entropy': (CrossEntropyLossFlat(), EntropyLogger(eps)),
             f'label smoothing (eps={eps})': (LabelSmoothingCrossEntropy(eps), EntropyLogger())}
     learners = {}
     for name, (loss_func, logger) in runs.items():
         if progress: print(f"\n{name}:")
-        learners[name] = train(loss_func, cbs=logger, epochs=epochs, lr=lr, seed=seed, progress=progress)
+        learners[name] = train(loss_func, cbs=logger, epochs=epochs, lr=lr, seed=seed,
+                               progress=progress)
     return learners
 
 def summary_table(
@@ -139,7 +150,8 @@ def recorder_table(learn:Learner) -> pd.DataFrame:
 # %% ../nbs/02_demo.ipynb #24950716
 def _side_by_side(learners:dict, draw:str, size:tuple) -> plt.Figure:
     "One panel per run, drawn by the `EntropyLogger` method `draw`, titled with the run's name"
-    fig, axs = plt.subplots(1, len(learners), figsize=(size[0] * len(learners), size[1]), squeeze=False)
+    figsize = (size[0] * len(learners), size[1])
+    fig, axs = plt.subplots(1, len(learners), figsize=figsize, squeeze=False)
     for ax, (name, learn) in zip(axs[0], learners.items()):
         getattr(learn.entropy_logger, draw)(ax=ax)
         ax.set_title(f"{name}\n{ax.get_title()}")
@@ -163,11 +175,13 @@ def main(
     seed:int=42, # the same seed for both runs
     progress:bool=True, # show fastai's progress table
 ) -> pd.DataFrame:
-    "Train with and without label smoothing on the digits, print the comparison, save the plots in `out`"
+    ("Train with and without label smoothing on the digits, print the comparison, "
+     "save the plots in `out`")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     no_bar = fastprogress.fastprogress.NO_BAR
-    fastprogress.fastprogress.NO_BAR = no_bar or not sys.stdout.isatty()  # bars only on a terminal
+    # bars only on a terminal
+    fastprogress.fastprogress.NO_BAR = no_bar or not sys.stdout.isatty()
     try: learners = compare(epochs, lr, eps, seed, progress)
     finally: fastprogress.fastprogress.NO_BAR = no_bar
     summary = summary_table(learners)
@@ -182,11 +196,15 @@ def main(
     return summary
 
 def _cli():
-    p = argparse.ArgumentParser(prog='python -m label_smoothing_fa.demo', description=main.__doc__)
-    p.add_argument('--out', default='demo_output', help='folder for the plots (default: demo_output)')
+    p = argparse.ArgumentParser(prog='python -m label_smoothing_fa.demo',
+                                description=main.__doc__)
+    p.add_argument('--out', default='demo_output',
+                   help='folder for the plots (default: demo_output)')
     p.add_argument('--epochs', type=int, default=10, help='epochs of each run (default: 10)')
-    p.add_argument('--lr', type=float, default=1e-2, help='maximum learning rate (default: 0.01)')
-    p.add_argument('--eps', type=float, default=0.1, help='label smoothing of the second run (default: 0.1)')
+    p.add_argument('--lr', type=float, default=1e-2,
+                   help='maximum learning rate (default: 0.01)')
+    p.add_argument('--eps', type=float, default=0.1,
+                   help='label smoothing of the second run (default: 0.1)')
     p.add_argument('--seed', type=int, default=42, help='seed of both runs (default: 42)')
     main(**vars(p.parse_args()))
 
