@@ -19,12 +19,21 @@ __all__ = ['smooth_targets', 'reference_label_smoothing_cross_entropy', 'label_s
 _reductions, _weight_modes = ('mean', 'sum', 'none'), ('sample', 'torch', 'fastai')
 
 def _f32_dtype(dtype:torch.dtype) -> torch.dtype:
-    "The dtype computations run in: float32 for half precision; float32 and float64 stay as they are"
+    "The dtype computations run in: float32 for half precision; float32 and float64 as they are"
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 def _f32(x:Tensor) -> Tensor:
     "`x` in the dtype computations run in (a copy only for half precision)"
     return x.to(_f32_dtype(x.dtype))
+
+def _readable(*ts) -> bool:
+    "Whether checks may read values: not while `torch.compile` traces, not on the 'meta' device"
+    if torch.compiler.is_compiling(): return False
+    return all(t.device.type != 'meta' for t in ts if isinstance(t, Tensor))
+
+def _sum_tolerance(dtype:torch.dtype, base:float) -> float:
+    "How far from 1 probabilities stored in `dtype` may sum: `base`, or a few `dtype` roundings"
+    return max(base, 4 * torch.finfo(dtype).eps) if dtype.is_floating_point else base
 
 def _check_choice(name, value, choices):
     if value not in choices: raise ValueError(f"`{name}` must be one of {choices}, got {value!r}")
@@ -32,47 +41,81 @@ def _check_choice(name, value, choices):
 
 def _check_eps(eps):
     "`eps` as a float in [0, 1]"
-    if isinstance(eps, Tensor): eps = eps.item()
+    if isinstance(eps, Tensor):
+        if eps.numel() != 1:
+            raise ValueError(f"`eps` must be a single number, got shape {tuple(eps.shape)}")
+        eps = eps.item()
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise ValueError(f"`eps` must be a number in [0, 1], got {eps!r}")
     if not 0. <= float(eps) <= 1.: raise ValueError(f"`eps` must be in [0, 1], got {eps}")
     return float(eps)
+
+def _check_axis(axis, ndim:int) -> int:
+    "`axis` as an index in [0, ndim); one out of range is refused, not wrapped around"
+    if isinstance(axis, bool) or not isinstance(axis, int):
+        raise ValueError(f"`axis` must be an integer, got {axis!r}")
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"`axis` is {axis} but the input has {ndim} dimensions: "
+                         f"it must be in [{-ndim}, {ndim})")
+    return axis % ndim
+
+def _check_device(name, t, input:Tensor):
+    "Refuse a tensor argument on another device than `input`"
+    if isinstance(t, Tensor) and t.device != input.device:
+        raise ValueError(f"`{name}` is on {t.device} but `input` is on {input.device}")
 
 def _check_class_vector(name, v, n_classes=None):
     "A 1-D, non-negative, finite float tensor of `n_classes` values (or `None`)"
     if v is None: return None
-    v = torch.as_tensor(v, dtype=torch.float32) if not isinstance(v, Tensor) else _f32(v) if v.dtype.is_floating_point else v.float()
-    if v.ndim != 1: raise ValueError(f"`{name}` must be a 1-D tensor of one value per class, got shape {tuple(v.shape)}")
+    if not isinstance(v, Tensor): v = torch.as_tensor(v, dtype=torch.float32)
+    v = _f32(v) if v.dtype.is_floating_point else v.float()
+    if v.ndim != 1:
+        raise ValueError(f"`{name}` must be a 1-D tensor of one value per class, "
+                         f"got shape {tuple(v.shape)}")
     if n_classes is not None and len(v) != n_classes:
         raise ValueError(f"`{name}` has {len(v)} values but the input has {n_classes} classes")
-    if not torch.isfinite(v).all() or (v < 0).any(): raise ValueError(f"`{name}` must be finite and non-negative, got {v.tolist()}")
+    if _readable(v) and (not torch.isfinite(v).all() or (v < 0).any()):
+        raise ValueError(f"`{name}` must be finite and non-negative, got {v.tolist()}")
     return v
 
 def _check_prior(prior, n_classes=None):
     "`None` (uniform), `'others'`, or a probability vector over the classes"
     if prior is None or isinstance(prior, str):
-        if prior not in (None, 'others'): raise ValueError(f"`prior` must be None, 'others' or a tensor of class probabilities, got {prior!r}")
-        if prior == 'others' and n_classes is not None and n_classes < 2: raise ValueError("`prior='others'` needs at least 2 classes")
+        if prior not in (None, 'others'):
+            raise ValueError("`prior` must be None, 'others' or a tensor of class probabilities, "
+                             f"got {prior!r}")
+        if prior == 'others' and n_classes is not None and n_classes < 2:
+            raise ValueError("`prior='others'` needs at least 2 classes")
         return prior
+    dtype = prior.dtype if isinstance(prior, Tensor) else torch.float32
     prior = _check_class_vector('prior', prior, n_classes)
-    if abs(prior.sum().item() - 1) > 1e-4: raise ValueError(f"`prior` must sum to 1, got {prior.sum().item():.6f}")
+    if _readable(prior) and abs(prior.sum().item() - 1) > _sum_tolerance(dtype, 1e-4):
+        raise ValueError(f"`prior` must sum to 1, got {prior.sum().item():.6f}")
     return prior
 
 # %% ../nbs/00_losses.ipynb #2a4808f2
 def _onehot(target:Tensor, n_classes:int) -> Tensor:
+    if target.dtype == torch.bool:
+        raise ValueError("`target` must be class indices or soft targets, got a bool tensor")
     if ((target < 0) | (target >= n_classes)).any():
         raise ValueError(f"`target` holds class indices outside [0, {n_classes})")
     return F.one_hot(target.long(), n_classes).float()
 
 def smooth_targets(
-    target:Tensor, # class indices (integer dtype, any shape), or soft targets (float, classes on the last axis)
+    target:Tensor, # class indices (integer dtype, any shape), or soft targets (float, classes last)
     n_classes:int, # number of classes K
     eps:float=0.1, # share of probability moved to the prior
-    prior=None, # None (uniform), 'others' (the K-1 other classes) or a tensor of K probabilities
+    prior=None, # None (uniform), 'others' (the K-1 other classes) or K probabilities
 ) -> Tensor: # q' = (1-eps) q + eps u, the classes on the last axis
     "The smoothed target distribution q' for integer or soft targets"
+    if isinstance(n_classes, bool) or not isinstance(n_classes, int) or n_classes < 1:
+        raise ValueError(f"`n_classes` must be a positive integer, got {n_classes!r}")
     eps, prior = _check_eps(eps), _check_prior(prior, n_classes)
     if not target.dtype.is_floating_point: q = _onehot(target, n_classes)
     elif target.shape[-1:] == (n_classes,): q = _f32(target)
-    else: raise ValueError(f"soft `target` must have the {n_classes} classes on its last axis, got shape {tuple(target.shape)}")
+    else:
+        raise ValueError(f"soft `target` must have the {n_classes} classes on its last axis, "
+                         f"got shape {tuple(target.shape)}")
     if prior is None: u = torch.full((n_classes,), 1/n_classes, dtype=q.dtype, device=q.device)
     elif isinstance(prior, str): u = (1 - q) / (n_classes - 1)
     else: u = prior.to(q)
@@ -80,107 +123,197 @@ def smooth_targets(
 
 # %% ../nbs/00_losses.ipynb #4a5746a3
 def _reduce(loss, den, keep, reduction):
-    "Zero the ignored positions, then 'none', 'sum', or 'mean' = sum / sum of `den` over kept positions (0 if none)"
+    "Ignored positions zeroed, then 'none', 'sum', or 'mean': sum / kept `den`'s sum (0 if none)"
     loss = torch.where(keep, loss, 0.)
     if reduction == 'none': return loss
     den = (den * keep).sum()
-    return loss.sum() if reduction == 'sum' else loss.sum() / den.clamp_min(1e-30) if den > 0 else loss.sum() * 0.
+    return loss.sum() if reduction == 'sum' else loss.sum() / den if den > 0 else loss.sum() * 0.
 
-def reference_label_smoothing_cross_entropy(input, target, eps=0.1, weight=None, reduction='mean', prior=None,
-                                            ignore_index=-100, axis=1, weight_mode='sample'):
+def _cross_entropy_rows(q:Tensor, lp:Tensor) -> Tensor:
+    "-sum_c q_c log p_c over the last axis; a class with q_c = 0 adds 0, even where log p_c = -inf"
+    return -torch.where(q == 0, 0., q * lp).sum(-1)
+
+def reference_label_smoothing_cross_entropy(input, target, eps=0.1, weight=None, reduction='mean',
+        prior=None, ignore_index=-100, axis=1, weight_mode='sample'):
     "Plain, unfused label-smoothing cross-entropy: the formula the fused path is tested against"
     x = _f32(input.movedim(axis, -1))
-    K = x.shape[-1]
-    if target.dtype.is_floating_point:
+    K, soft = x.shape[-1], target.dtype.is_floating_point and target.shape == input.shape
+    if soft:
         t = target.movedim(axis, -1).to(x.dtype)
         keep = torch.ones(x.shape[:-1], dtype=torch.bool, device=x.device)
     else:
-        keep = target != ignore_index
-        t = F.one_hot(torch.where(keep, target, 0), K).to(x.dtype)
+        keep = target.reshape(x.shape[:-1]) != ignore_index
+        t = F.one_hot(torch.where(keep, target.reshape(keep.shape), 0).long(), K).to(x.dtype)
+    x = torch.where(keep.unsqueeze(-1), x, 0.)  # ignored positions' logits (-inf, NaN) play no part
     lp, q2 = F.log_softmax(x, -1), smooth_targets(t, K, eps, prior)
     w = x.new_ones(K) if weight is None else weight.to(x)
     ones = torch.ones_like(keep, dtype=x.dtype)
     w_row = ones if weight is None else (t * w).sum(-1)
-    if weight_mode == 'sample': return _reduce(-(q2 * lp).sum(-1) * w_row, w_row, keep, reduction)
+    if weight_mode == 'sample':
+        return _reduce(_cross_entropy_rows(q2, lp) * w_row, w_row, keep, reduction)
     if weight_mode == 'torch':
-        return _reduce(-(w * q2 * lp).sum(-1), ones if target.dtype.is_floating_point else w_row, keep, reduction)
-    u = smooth_targets(t, K, 1., prior)  # 'fastai': the weights on the NLL term only, each term reduced on its own
-    return (1 - eps) * _reduce(-(t * lp).sum(-1) * w_row, w_row, keep, reduction) + eps * _reduce(-(u * lp).sum(-1), ones, keep, reduction)
+        return _reduce(_cross_entropy_rows(w * q2, lp), ones if soft else w_row, keep, reduction)
+    u = smooth_targets(t, K, 1., prior)  # 'fastai': weights on the NLL only
+    nll = _reduce(_cross_entropy_rows(t, lp) * w_row, w_row, keep, reduction)
+    return (1 - eps) * nll + eps * _reduce(_cross_entropy_rows(u, lp), ones, keep, reduction)
 
 # %% ../nbs/00_losses.ipynb #72642cf2
 def _class_vec(v:Tensor, x:Tensor, axis:int) -> Tensor:
     "`v` (K values) shaped to broadcast along `axis` of `x`"
     return v.view([-1 if d == axis else 1 for d in range(x.ndim)])
 
-def _dot(x:Tensor, v:Tensor, axis:int) -> Tensor:
-    "Sum over `axis` of `x * v`, `v` a class vector or a tensor shaped like `x`"
-    if v.ndim == 1: return x @ v if axis == x.ndim - 1 else (x * _class_vec(v, x, axis)).sum(axis)
-    return (x * v).sum(axis)
+def _weighted_sum(z:Tensor, w:Tensor|None, axis:int, w_has_zeros:bool=True) -> Tensor:
+    "Sum over `axis` of `w * z`, `w` None (the mean), a class vector or like `z`; 0 * -inf adds 0"
+    if w is None: return z.mean(axis)
+    if w.ndim == 1:
+        if w_has_zeros: z = torch.where(_class_vec(w, z, axis) == 0, 0., z)
+        return z @ w if axis == z.ndim - 1 else (z * _class_vec(w, z, axis)).sum(axis)
+    return torch.where(w == 0, 0., z * w).sum(axis)
 
-def _softmax_lse(x:Tensor, axis:int, idx:Tensor|None=None, x_y:Tensor|None=None):
-    "exp(x - lse) up to a per-row factor 1/s (s=None: exact), in the one N x K allocation, and the log-sum-exp (`x_y`: the logits at `idx`)"
+_BLOCK = 1 << 18  # logits per block of rows in `_shifted_sums` (1 MB in float32: it stays in cache)
+
+def _shifted_sums(x:Tensor, c:Tensor, ws:list, v_has_zeros:bool) -> list:
+    "For each `w` of `ws`, sum_k w_k (x_k - c) over the last axis, `c` one number per row"
+    K = x.shape[-1]
+    x2, c2 = x.reshape(-1, K), c.reshape(-1, 1)
+    sums = [c2.new_empty(len(x2)) for _ in ws]
+    step = max(1, _BLOCK // max(K, 1))
+    block = c2.new_empty(min(step, len(x2)), K)  # one buffer for all blocks
+    for i in range(0, len(x2), step):
+        z = torch.sub(x2[i:i + step], c2[i:i + step], out=block[:len(x2) - i])  # shifted, in cache
+        for out, w in zip(sums, ws):
+            w_block = w if w is None or w.ndim == 1 else w.reshape(-1, K)[i:i + step]
+            out[i:i + step] = _weighted_sum(z, w_block, 1, v_has_zeros)
+    return [s.view(c.shape) for s in sums]
+
+def _row_sums(x:Tensor, c:Tensor, lse:Tensor, v:Tensor|None, v_has_zeros:bool) -> Tensor:
+    "<v, x - c> over the last axis (`v` None: the mean): plain if exact enough, else shifted"
+    plain = x.mean(-1, dtype=c.dtype) if v is None else _f32(x) @ v
+    total = 1. if v is None else v.sum()
+    sums = plain - c * total
+    # the plain sum rounds like |lse| total, the loss like <v, lse - x> = lse total - plain; so redo
+    # rows where the first is over twice the second (logits far from 0) and rows not finite
+    redo = ~(lse.abs() * total <= 2 * (lse * total - plain))
+    n_redo = int(redo.sum())
+    if n_redo > redo.numel() // 4: sums, = _shifted_sums(x, c, [v], v_has_zeros)  # no copy of x
+    elif n_redo: sums[redo] = _shifted_sums(x[redo], c[redo], [v], v_has_zeros)[0]
+    return sums
+
+def _times(c, t:Tensor):
+    "`c * t`, `c` a per-row coefficient (a number or a tensor); 0 where `c` is 0, whatever `t` is"
+    if isinstance(c, Tensor): return torch.where(c == 0, 0., c * t)
+    return torch.zeros_like(t) if c == 0 and t.numel() else t * c  # an empty `t` keeps its graph
+
+def _softmax_parts(x:Tensor, axis:int, idx, soft, v, v_has_zeros:bool):
+    "p (or exp(x - c), to divide by s), lse - c, <T, x - c>, <v, x - c> and s (c: a logit per row)"
     dt = _f32_dtype(x.dtype)
-    if axis == x.ndim - 1:  # classes contiguous: torch's fused kernel, and lse read off p where it is not too small
+    if axis == x.ndim - 1:  # classes contiguous: torch's softmax kernel
         p = torch.softmax(x, axis, dtype=dt)
-        if idx is None: return p, x.amax(axis).to(dt) - p.amax(axis).log(), None  # p at the max logit is >= 1/K
+        if idx is None:  # soft targets: c the largest logit, where p is 1 / sum(exp(x - c))
+            p_max, at_max = p.max(axis)
+            c = x.gather(axis, at_max.unsqueeze(axis)).squeeze(axis).to(dt)
+            tz, vz = _shifted_sums(x, c, [soft, v], v_has_zeros)
+            return p, -p_max.log(), tz, vz, None
+        x_y = x.gather(axis, idx.unsqueeze(axis)).squeeze(axis).to(dt)
+        c = torch.where(x_y.isfinite(), x_y, 0.)  # index targets: c the target's logit
         p_y = p.gather(axis, idx.unsqueeze(axis)).squeeze(axis)
-        lse = x_y - p_y.log()  # no pass over the logits: lse = x_y - log p_y
-        small = p_y < 1e-6  # there p_y's relative error (|x_y - lse| float32 ulps) would show: those rows the slow way
-        if small.any(): lse[small] = torch.logsumexp(x[small].to(dt), -1)
-        return p, lse, None
-    m = x.amax(axis, keepdim=True).to(dt)  # classes strided (segmentation): elementwise ops beat torch's kernel there
-    e = torch.sub(x, m).exp_()
+        lse_c = -p_y.log()  # lse - x_y = -log p_y: no pass over the logits
+        small = ~(p_y >= 1e-6)  # p_y's relative error would show (and p_y = 0, NaN): the slow way
+        if small.any(): lse_c[small] = torch.logsumexp(x[small].to(dt) - c[small].unsqueeze(-1), -1)
+        return p, lse_c, x_y - c, _row_sums(x, c, c + lse_c, v, v_has_zeros), None
+    m = x.amax(axis, keepdim=True).to(dt)  # classes strided (segmentation)
+    z = torch.sub(x, m)
+    if idx is not None: tz = z.gather(axis, idx.unsqueeze(axis)).squeeze(axis)
+    else: tz = _weighted_sum(z, soft, axis)
+    vz = _weighted_sum(z, v, axis, v_has_zeros)
+    e = z.exp_()
     s = e.sum(axis)
-    return e, m.squeeze(axis) + s.log(), s
+    return e, s.log(), tz, vz, s
 
 class _FusedLabelSmoothing(torch.autograd.Function):
-    "Per-row `A*lse - cT*<T,x> - cv*<v,x>`; keeps the softmax and turns it into the gradient in place"
+    "Per row `A (lse-c) - cT <T, x-c> - cv <v, x-c>`; its softmax becomes the gradient"
     @staticmethod
-    def forward(ctx, x, idx, soft, cT, cv, A, v, axis):
-        dt = _f32_dtype(x.dtype)
-        tx = x.gather(axis, idx.unsqueeze(axis)).squeeze(axis).to(dt) if idx is not None else _dot(_f32(x), soft, axis)
-        p, lse, s = _softmax_lse(x, axis, idx, tx)
-        vx = x.mean(axis, dtype=dt) if v is None else _dot(_f32(x), v, axis)
-        ctx.save_for_backward(x, idx, soft, v)
+    def forward(ctx, x, idx, soft, cT, cv, A, v, axis, v_has_zeros):
+        p, lse_c, tz, vz, s = _softmax_parts(x, axis, idx, soft, v, v_has_zeros)
+        loss = _times(A, lse_c) - _times(cT, tz) - _times(cv, vz)
+        dead = (A == 0) & ~lse_c.isfinite() if isinstance(A, Tensor) else None  # weightless, NaN
+        ctx.save_for_backward(x, idx, soft, v, dead if dead is not None and dead.any() else None)
         ctx.axis, ctx.coefs, ctx.p, ctx.s = axis, (A, cT, cv), p, s
-        return A * lse - cT * tx - cv * vx
+        return loss
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, g):
-        x, idx, soft, v = ctx.saved_tensors
+        "g (A p - cT T - cv v); built from differentiable operations when a graph is (create_graph)"
+        x, idx, soft, v, dead = ctx.saved_tensors
         axis, p, s, ctx.p = ctx.axis, ctx.p, ctx.s, None
-        if p is None: p, _, s = _softmax_lse(x, axis)  # a second backward (retain_graph=True): recompute
-        g = g.to(p.dtype)
         gA, gT, gv = [(g * c).unsqueeze(axis) for c in ctx.coefs]
-        grad = p.mul_(gA if s is None else gA / s.unsqueeze(axis))
-        if v is None: grad.sub_(gv / x.shape[axis])
-        else: grad.addcmul_(gv, _class_vec(v, x, axis), value=-1)
-        if idx is not None: grad.scatter_add_(axis, idx.unsqueeze(axis), -gT)
-        else: grad.addcmul_(soft, gT, value=-1)
-        return grad.to(x.dtype), None, None, None, None, None, None, None
+        vb = 1 / x.shape[axis] if v is None else _class_vec(v, x, axis)
+        if torch.is_grad_enabled():  # create_graph=True: a gradient to differentiate again
+            grad = gA * torch.softmax(_f32(x), axis) - gv * vb
+            if idx is not None: grad = grad.scatter_add(axis, idx.unsqueeze(axis), -gT)
+            else: grad = grad - gT * soft
+        else:  # the forward's softmax buffer becomes the gradient, in place
+            if p is None: p, s = torch.softmax(x, axis, dtype=_f32_dtype(x.dtype)), None  # again
+            grad = p.mul_(gA if s is None else gA / s.unsqueeze(axis))
+            grad.addcmul_(gv, vb, value=-1) if v is not None else grad.sub_(gv * vb)
+            if idx is not None: grad.scatter_add_(axis, idx.unsqueeze(axis), -gT)
+            else: grad.addcmul_(soft, gT, value=-1)
+        if dead is not None: grad = grad.masked_fill(dead.unsqueeze(axis), 0.)
+        return grad.to(x.dtype), None, None, None, None, None, None, None, None
 
 # %% ../nbs/00_losses.ipynb #146ef7b7
 def _range(t:Tensor):
     "Smallest and largest value of `t`, as Python numbers"
     return [v.item() for v in torch.aminmax(t)] if t.numel() else (0, 0)
 
-def _targets(input:Tensor, target:Tensor, axis:int, ignore_index:int):
-    "(class indices, None, kept-mask or None if all kept, None) or (None, soft targets, None, their sums)"
-    K, rows = input.shape[axis], input.shape[:axis] + input.shape[axis+1:]
-    if target.shape == input.shape and target.dtype.is_floating_point:
-        t = _f32(target)
-        tsum = t.sum(axis)  # the loss needs the sums; the check's pass over t comes after, while t is still in cache
+def _is_soft(input:Tensor, target:Tensor) -> bool:
+    "Soft targets are floats shaped like the input; anything else holds class indices"
+    return target.dtype.is_floating_point and target.shape == input.shape
+
+def _axis_hint(input:Tensor, target:Tensor, axis:int) -> str:
+    "For an error message: the `axis` that would pair `target` (class indices) with `input`, if any"
+    def pairs(d):
+        rows = input.shape[:d] + input.shape[d+1:]
+        return rows == target.shape or target.ndim == 1 and rows.numel() == target.numel()
+    fits = [d for d in range(input.ndim) if d != axis and pairs(d)]
+    return f"; if the classes are on axis {fits[0]}, pass `axis={fits[0]}`" if fits else ""
+
+def _soft_targets(input:Tensor, target:Tensor, axis:int, ignore_index:int, check:bool):
+    "Soft targets in the compute dtype and their sums over `axis`, checked to be probabilities"
+    if ignore_index >= 0:
+        raise ValueError(f"`ignore_index` ({ignore_index}) is not supported with soft targets "
+                         "(as in torch)")
+    t = target.to(_f32_dtype(input.dtype))  # float64 targets with float32 logits compute in float32
+    tsum = t.sum(axis)  # the check's pass comes after, t in cache
+    if check and t.numel():
         if t.amin() < 0: raise ValueError("soft `target` has negative probabilities")
-        if (tsum - 1).abs().amax() > 1e-3: raise ValueError(f"soft `target` must sum to 1 over the class axis {axis}, got sums from {tsum.amin().item():.4f} to {tsum.amax().item():.4f}")
-        return None, t, None, tsum
-    if target.shape != rows and target.numel() == rows.numel() and not target.dtype.is_floating_point: target = target.reshape(rows)
+        if not (tsum - 1).abs().amax().item() <= _sum_tolerance(target.dtype, 1e-3):
+            raise ValueError(f"soft `target` must sum to 1 over the class axis {axis}, got sums "
+                             f"from {tsum.amin().item():.4f} to {tsum.amax().item():.4f}")
+    return t, tsum
+
+def _index_targets(input:Tensor, target:Tensor, axis:int, ignore_index:int, check:bool):
+    "Class indices shaped like the input's rows (or flat, as fastai's), the kept mask (None: all)"
+    K, rows = input.shape[axis], input.shape[:axis] + input.shape[axis+1:]
+    if target.dtype == torch.bool:
+        raise ValueError("`target` must be class indices or soft targets, got a bool tensor")
+    if target.shape == input.shape:
+        raise ValueError(f"`target` has the input's shape {tuple(input.shape)} but dtype "
+                         f"{target.dtype}: soft targets are floats, class indices have "
+                         f"shape {tuple(rows)}")
+    if target.ndim == 1 and target.numel() == rows.numel(): target = target.view(rows)  # fastai's
     if target.shape != rows:
-        raise ValueError(f"`target` must be class indices of shape {tuple(rows)} or soft targets of shape {tuple(input.shape)}, got {tuple(target.shape)}")
-    if target.dtype.is_floating_point:
-        if (target != target.round()).any(): raise ValueError("`target` of class indices must hold whole numbers (or be soft targets shaped like the input)")
-    elif target.dtype == torch.bool: raise ValueError("`target` must be class indices or soft targets, got a bool tensor")
+        raise ValueError(f"`target` must be class indices of shape {tuple(rows)} or soft targets "
+                         f"of shape {tuple(input.shape)} (class axis {axis}), "
+                         f"got {tuple(target.shape)}"
+                         + _axis_hint(input, target, axis))
+    if check and target.dtype.is_floating_point and (target != target.round()).any():
+        raise ValueError("`target` of class indices must hold whole numbers "
+                         "(or be soft targets shaped like the input)")
     idx = target.long()
+    if not check:  # traced by torch.compile: no branch on the values
+        keep = idx != ignore_index
+        return torch.where(keep, idx, 0), keep
     lo, hi = _range(idx)
     keep = None
     if lo <= ignore_index <= hi:  # look for ignored positions only if there can be some
@@ -188,19 +321,59 @@ def _targets(input:Tensor, target:Tensor, axis:int, ignore_index:int):
         if keep.all(): keep = None
         else: idx = torch.where(keep, idx, 0); lo, hi = _range(idx)
     if lo < 0 or hi >= K:
-        raise ValueError(f"`target` holds class indices outside [0, {K}) that are not `ignore_index` ({ignore_index})")
-    return idx, None, keep, None
+        raise ValueError(f"`target` holds class indices outside [0, {K}) that are not "
+                         f"`ignore_index` ({ignore_index})")
+    return idx, keep
+
+# %% ../nbs/00_losses.ipynb #c51add00
+def _mean_denominator(r, n:int):
+    "Sum of a per-row number `r` (a tensor, or a number for n rows); inf for 0, so no rows give 0"
+    total = r.sum() if isinstance(r, Tensor) else r * n
+    if isinstance(total, Tensor): return torch.where(total > 0, total, torch.inf)
+    return total if total > 0 else float('inf')
+
+def _row_coefficients(idx, soft, tsum, keep, weight, prior, eps, K, axis, reduction, weight_mode,
+                      dt):
+    "Per-row numbers cT, cv, A of `A lse - cT <T, x> - cv <v, x>`, the class vector v, targets T"
+    v = prior if isinstance(prior, Tensor) else None
+    a_u, b_u = (-1 / (K - 1), K / (K - 1)) if prior == 'others' else (0., 1.)
+    n, mean = (tsum.numel() if idx is None else idx.numel()), reduction == 'mean'
+    kept = 1. if keep is None else keep.to(dt)
+    if weight is not None:
+        if mean and not (weight_mode == 'torch' and soft is not None):  # scale-free: normalise
+            weight = weight / torch.where(weight.amax() > 0, weight.amax(), 1.)
+        w_y = weight[idx] if idx is not None else _weighted_sum(soft, weight, axis, False)
+        w_row = kept * w_y
+    else: w_row = kept
+    t_sum = 1. if idx is not None else tsum
+    if weight_mode == 'torch' and weight is not None:
+        v = weight / K if v is None else weight * v
+        if soft is not None: soft, t_sum = soft * _class_vec(weight, soft, axis), w_row
+        w_t = w_row if idx is not None else kept
+        den = _mean_denominator(w_t, n) if mean else 1.
+        cT, cv = (1 - eps + eps * a_u) * w_t / den, eps * b_u * kept / den
+    elif weight_mode == 'fastai' and weight is not None:
+        d1, d2 = (_mean_denominator(w_row, n), _mean_denominator(kept, n)) if mean else (1., 1.)
+        cT = (1 - eps) * w_row / d1 + eps * a_u * kept / d2
+        cv = eps * b_u * kept / d2
+    else:
+        den = _mean_denominator(w_row, n) if mean else 1.
+        cT, cv = (1 - eps + eps * a_u) * w_row / den, eps * b_u * w_row / den
+    A = cT * t_sum + cv * (1. if v is None else v.sum())
+    return cT, cv, A, v, soft
 
 # %% ../nbs/00_losses.ipynb #6d399113
 _DENSE_BELOW = 1 << 16  # inputs with fewer logits take the dense path
 
-def _dense_label_smoothing(x, idx, soft, cT, cv, v, axis, reduction):
-    "The fused function's loss as `-<B, log_softmax(x)>`, the target weights `B = cT T + cv v` built in full"
+def _dense_label_smoothing(x, idx, soft, cT, cv, A, v, axis, reduction):
+    "The fused function's loss, `-cT <T, log p> - cv <v, log p>`, in autograd steps"
+    if isinstance(A, Tensor) and A.ndim:  # rows without target weight: logits unused
+        x = x.masked_fill((A == 0).unsqueeze(axis), 0)
     lp = torch.log_softmax(_f32(x), axis)
-    neg = lambda c: -c.unsqueeze(axis) if isinstance(c, Tensor) and c.ndim else -c  # minus a per-row number, along the classes
-    negB = soft * neg(cT) if soft is not None else torch.zeros_like(lp).scatter_(axis, idx.unsqueeze(axis), neg(cT))
-    negB.add_(neg(cv) / x.shape[axis] if v is None else neg(cv) * _class_vec(v, lp, axis))  # -B: no autograd step for the sign
-    return (lp * negB).sum(axis) if reduction == 'none' else (lp * negB).sum()
+    if idx is not None: lp_t = lp.gather(axis, idx.unsqueeze(axis)).squeeze(axis)
+    else: lp_t = _weighted_sum(lp, soft, axis)
+    loss = -_times(cT, lp_t) - _times(cv, _weighted_sum(lp, v, axis))
+    return loss if reduction == 'none' else loss.sum()
 
 # %% ../nbs/00_losses.ipynb #d724dd9e
 def label_smoothing_cross_entropy(
@@ -210,50 +383,36 @@ def label_smoothing_cross_entropy(
     weight:Tensor|None=None, # one non-negative weight per class
     reduction:str='mean', # 'mean', 'sum' or 'none'
     *,
-    prior=None, # None (uniform), 'others' (the K-1 other classes) or a tensor of K probabilities
+    prior=None, # None (uniform), 'others' (the K-1 other classes) or K probabilities
     ignore_index:int=-100, # class index that contributes nothing
     axis:int=1, # the class axis of `input`
     weight_mode:str='sample', # how `weight` applies: 'sample', 'torch' or 'fastai'
 ) -> Tensor: # float32 loss: a scalar, or one per position for 'none'
-    "Cross-entropy of the smoothed target `(1-eps)*target + eps*prior` against `softmax(input)` over `axis`, fused"
+    "Cross-entropy of the smoothed target `(1-eps)*target + eps*prior` and `softmax(input)`"
     eps = _check_eps(eps)
-    _check_choice('reduction', reduction, _reductions); _check_choice('weight_mode', weight_mode, _weight_modes)
+    _check_choice('reduction', reduction, _reductions)
+    _check_choice('weight_mode', weight_mode, _weight_modes)
     if input.ndim == 0: raise ValueError("`input` must have a class axis, got a scalar")
-    x, target = [t if type(t) is Tensor else t.as_subclass(Tensor) for t in (input, target)]  # fastai's subclasses: plain ops
-    axis = axis % x.ndim
-    K = x.shape[axis]
+    x, target = [t if type(t) is Tensor else t.as_subclass(Tensor) for t in (input, target)]
+    axis = _check_axis(axis, x.ndim)
+    K, dt = x.shape[axis], _f32_dtype(x.dtype)
+    if K == 0: raise ValueError(f"`input` has no classes on axis {axis}: shape {tuple(x.shape)}")
+    for name, t in (('target', target), ('weight', weight), ('prior', prior)):
+        _check_device(name, t, x)
     prior, weight = _check_prior(prior, K), _check_class_vector('weight', weight, K)
-    if target.requires_grad and target.dtype.is_floating_point:  # gradients for soft targets: the plain formula
-        return reference_label_smoothing_cross_entropy(x, target, eps, weight, reduction, prior, ignore_index, axis, weight_mode)
-    idx, soft, keep, tsum = _targets(x, target, axis, ignore_index)
-    dt = _f32_dtype(x.dtype)
-    n = tsum.numel() if idx is None else idx.numel()
-    with torch.no_grad():  # the per-row numbers; plain floats where they are the same for every row
-        v = None if prior is None or isinstance(prior, str) else prior.to(x.device, dt)
-        a_u, b_u = (-1 / (K - 1), K / (K - 1)) if prior == 'others' else (0., 1.)
-        kept = 1. if keep is None else keep.to(dt)
-        if weight is not None:
-            weight = weight.to(x.device, dt)
-            w_row = kept * (weight[idx] if idx is not None else _dot(soft, weight, axis))
-        else: w_row = kept
-        total = lambda r: r.sum().clamp_min(1e-30) if isinstance(r, Tensor) else max(r * n, 1e-30)  # a per-row number summed
-        mean, t_sum = reduction == 'mean', (1. if idx is not None else tsum)
-        if weight_mode == 'torch' and weight is not None:
-            v = weight / K if v is None else weight * v
-            if soft is not None: soft, t_sum = soft * _class_vec(weight, soft, axis), w_row
-            w_t = w_row if idx is not None else kept
-            den = total(w_t) if mean else 1.
-            cT, cv = (1 - eps + eps * a_u) * w_t / den, eps * b_u * kept / den
-        elif weight_mode == 'fastai' and weight is not None:
-            d1, d2 = (total(w_row), total(kept)) if mean else (1., 1.)
-            cT = (1 - eps) * w_row / d1 + eps * a_u * kept / d2
-            cv = eps * b_u * kept / d2
-        else:
-            den = total(w_row) if mean else 1.
-            cT, cv = (1 - eps + eps * a_u) * w_row / den, eps * b_u * w_row / den
-        A = cT * t_sum + cv * (1. if v is None else v.sum())
-    if x.numel() < _DENSE_BELOW: return _dense_label_smoothing(x, idx, soft, cT, cv, v, axis, reduction)
-    loss = _FusedLabelSmoothing.apply(x, idx, soft, cT, cv, A, v, axis)
+    check = _readable(x, target)
+    if _is_soft(x, target):
+        (soft, tsum), idx, keep = _soft_targets(x, target, axis, ignore_index, check), None, None
+    else: (idx, keep), soft, tsum = _index_targets(x, target, axis, ignore_index, check), None, None
+    if isinstance(prior, Tensor): prior = prior.to(dt)
+    if weight is not None: weight = weight.to(dt)
+    cT, cv, A, v, soft = _row_coefficients(idx, soft, tsum, keep, weight, prior, eps, K, axis,
+                                           reduction, weight_mode, dt)
+    graph_args = any(isinstance(t, Tensor) and t.requires_grad for t in (soft, weight, prior))
+    if x.numel() < _DENSE_BELOW or not check or graph_args:  # small, traced, more to differentiate
+        return _dense_label_smoothing(x, idx, soft, cT, cv, A, v, axis, reduction)
+    v_has_zeros = v is not None and bool((v == 0).any())
+    loss = _FusedLabelSmoothing.apply(x, idx, soft, cT, cv, A, v, axis, v_has_zeros)
     return loss if reduction == 'none' else loss.sum()
 
 # %% ../nbs/00_losses.ipynb #3ea42689
@@ -265,31 +424,33 @@ def _fused_only(x, target, **kwargs):
     finally: _DENSE_BELOW = old
 
 def _compare_with_reference(x, target, atol=1e-5, **kwargs):
-    "Loss and input gradient of the fused path, the function as called (dense on small inputs) and the reference, asserted close"
+    "Loss and input gradient of the fused path, the function as called and the reference: asserted close"
     fs = (_fused_only, label_smoothing_cross_entropy, reference_label_smoothing_cross_entropy)
     xs = [x.detach().clone().requires_grad_() for _ in fs]
     outs = [f(xi, target, **kwargs) for f, xi in zip(fs, xs)]
     g = torch.randn_like(outs[-1]) if outs[-1].ndim else torch.ones(())
     for o in outs: (o * g).sum().backward()
-    for o, xi in zip(outs[:-1], xs): test_close(o, outs[-1], eps=atol); test_close(xi.grad, xs[-1].grad, eps=atol)
+    for o, xi in zip(outs[:-1], xs):
+        test_close(o, outs[-1], eps=atol); test_close(xi.grad, xs[-1].grad, eps=atol)
     return outs[0]
 
 # %% ../nbs/00_losses.ipynb #019c7b9b
 class LabelSmoothingCrossEntropy(nn.Module):
-    "fastai's `LabelSmoothingCrossEntropy`, fused and exact, with priors, soft targets, `ignore_index` and any class `axis`"
+    "fastai's `LabelSmoothingCrossEntropy`, fused and exact, with priors, soft targets, `ignore_index`"
     y_int = True # targets are class indices: MixUp/CutMix mix the losses, not the targets
     def __init__(self,
         eps:float=0.1, # share of probability moved to the prior
         weight:Tensor|None=None, # one non-negative weight per class
         reduction:str='mean', # 'mean', 'sum' or 'none'
         *,
-        prior=None, # None (uniform), 'others' (the K-1 other classes) or a tensor of K probabilities
+        prior=None, # None (uniform), 'others' (the K-1 other classes) or K probabilities
         ignore_index:int=-100, # class index that contributes nothing
         axis:int=1, # the class axis of the input
         weight_mode:str='sample', # how `weight` applies: 'sample', 'torch' or 'fastai'
     ):
         super().__init__()
-        _check_eps(eps); _check_choice('reduction', reduction, _reductions); _check_choice('weight_mode', weight_mode, _weight_modes)
+        _check_eps(eps); _check_choice('reduction', reduction, _reductions)
+        _check_choice('weight_mode', weight_mode, _weight_modes)
         store_attr('eps,reduction,ignore_index,axis,weight_mode')
         self.register_buffer('weight', _check_class_vector('weight', weight))
         prior = _check_prior(prior)
@@ -298,8 +459,9 @@ class LabelSmoothingCrossEntropy(nn.Module):
 
     def forward(self, input:Tensor, target:Tensor, reduction:str|None=None) -> Tensor:
         "The loss of `input` (logits) against `target`; `reduction` overrides `self.reduction`"
-        return label_smoothing_cross_entropy(input, target, self.eps, self.weight, reduction or self.reduction, prior=self.prior,
-                                             ignore_index=self.ignore_index, axis=self.axis, weight_mode=self.weight_mode)
+        return label_smoothing_cross_entropy(
+            input, target, self.eps, self.weight, reduction or self.reduction, prior=self.prior,
+            ignore_index=self.ignore_index, axis=self.axis, weight_mode=self.weight_mode)
 
     def activation(self, out:Tensor) -> Tensor:
         "Softmax over the class axis: the probabilities `get_preds` returns"
@@ -309,27 +471,37 @@ class LabelSmoothingCrossEntropy(nn.Module):
         "Argmax over the class axis: the decoded class"
         return out.argmax(dim=self.axis)
 
-    def extra_repr(self): return f"eps={self.eps}, reduction={self.reduction!r}, prior={self.prior if isinstance(self.prior, str) or self.prior is None else 'tensor'}, axis={self.axis}, weight_mode={self.weight_mode!r}"
+    def extra_repr(self):
+        prior = self.prior if isinstance(self.prior, str) or self.prior is None else 'tensor'
+        return (f"eps={self.eps}, reduction={self.reduction!r}, prior={prior}, axis={self.axis}, "
+                f"weight_mode={self.weight_mode!r}")
 
 # %% ../nbs/00_losses.ipynb #9aac69ff
-@delegates(LabelSmoothingCrossEntropy)
 class LabelSmoothingCrossEntropyFlat(BaseLoss):
-    "`LabelSmoothingCrossEntropy` on the class `axis` in place, for fastai's flattened-loss interface"
+    "`LabelSmoothingCrossEntropy` on the class `axis` in place, for fastai's flattened losses"
     y_int = True # targets are class indices: MixUp/CutMix mix the losses, not the targets
-    @use_kwargs_dict(keep=True, eps=0.1, weight=None, reduction='mean')
     def __init__(self,
-        *args,
+        eps:float=0.1, # share of probability moved to the prior
+        weight:Tensor|None=None, # one non-negative weight per class
+        reduction:str='mean', # 'mean', 'sum' or 'none' (per item: its kept positions' mean)
+        *,
+        prior=None, # None (uniform), 'others' (the K-1 other classes) or K probabilities
+        ignore_index:int=-100, # class index that contributes nothing
         axis:int=-1, # the class axis of the input
-        **kwargs
+        weight_mode:str='sample', # how `weight` applies: 'sample', 'torch' or 'fastai'
     ):
-        super().__init__(LabelSmoothingCrossEntropy, *args, axis=axis, flatten=False, **kwargs)
-        self.axis = self.func.axis = axis  # `BaseLoss` copies the module's attributes, its default axis among them
+        super().__init__(LabelSmoothingCrossEntropy, eps, weight, reduction, prior=prior,
+                         ignore_index=ignore_index, weight_mode=weight_mode, axis=axis,
+                         flatten=False)
+        self.axis = self.func.axis = axis  # `BaseLoss` keeps `axis` to itself; the module needs it
 
     def __call__(self, inp:Tensor, targ:Tensor, **kwargs) -> Tensor:
         "The loss; with reduction 'none', one value per item (the mean over its kept positions)"
         loss = self.func(inp, targ, **kwargs)
         if loss.ndim <= 1: return loss
-        keep = torch.ones_like(loss) if targ.dtype.is_floating_point else (targ.reshape(loss.shape) != self.func.ignore_index).float()
-        return loss.flatten(1).sum(1) / keep.flatten(1).sum(1).clamp_min(1)
+        if _is_soft(inp, targ): kept = torch.ones_like(loss)
+        else: kept = (targ.reshape(loss.shape) != self.func.ignore_index).to(loss.dtype)
+        return loss.flatten(1).sum(1) / kept.flatten(1).sum(1).clamp_min(1)
 
-    activation, decodes = LabelSmoothingCrossEntropy.activation, LabelSmoothingCrossEntropy.decodes  # over `self.axis`
+    activation = LabelSmoothingCrossEntropy.activation  # over `self.axis`
+    decodes = LabelSmoothingCrossEntropy.decodes
