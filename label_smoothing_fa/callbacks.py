@@ -29,8 +29,9 @@ def _loss_settings(loss_func, eps=None, prior=None):
 
 # %% ../nbs/01_callbacks.ipynb #8b356a53
 def _is_multilabel(loss_func) -> bool:
-    "Whether `loss_func` is a binary/multi-label loss: ours, fastai's `BCEWithLogitsLossFlat` or torch's"
-    return isinstance(getattr(loss_func, 'func', loss_func), (LabelSmoothingBCEWithLogits, nn.BCEWithLogitsLoss))
+    "Whether `loss_func` is a binary/multi-label loss: ours, fastai's `BCEWithLogitsLossFlat`, torch's"
+    func = getattr(loss_func, 'func', loss_func)
+    return isinstance(func, (LabelSmoothingBCEWithLogits, nn.BCEWithLogitsLoss))
 
 def _check_label_prior(prior):
     "`None` (0.5), a float, or a tensor of per-label probabilities of being positive"
@@ -39,7 +40,7 @@ def _check_label_prior(prior):
     return checked if checked.ndim else float(prior)
 
 def _multilabel_settings(loss_func, eps=None, prior=None):
-    "`(eps, prior, label axis, ignore_index)` for a multi-label loss: the given ones, else the loss's, else 0.1, 0.5"
+    "`(eps, prior, label axis, ignore_index)` of a multi-label loss: as given, else the loss's, else 0.1, 0.5"
     func = getattr(loss_func, 'func', loss_func)
     ours = isinstance(func, LabelSmoothingBCEWithLogits)
     if eps is None: eps = func.eps if ours else 0.1
@@ -130,7 +131,7 @@ def _ece(bins:Tensor) -> float|None:
 
 # %% ../nbs/01_callbacks.ipynb #8122f8f8
 def _binary_view(pred:Tensor, y:Tensor, eps:float, prior=None, ignore_index:int=-100):
-    "Each label as a two-class row: logits (0, x) on a new last axis, labels 0/1 (or `ignore_index`), per-row constants"
+    "Each label as a two-class row: logits (0, x) on a new last axis, labels 0/1 (or ignored), constants per row"
     x = _f32(pred.detach().as_subclass(Tensor))
     y = y.as_subclass(Tensor)
     lab = torch.where(y == ignore_index, ignore_index, (y > 0.5).long())
