@@ -18,19 +18,32 @@ from .multilabel import LabelSmoothingBCEWithLogits, _per_label
 __all__ = ['EntropyLogger']
 
 # %% ../nbs/01_callbacks.ipynb #5821a0c7
+_WRAPPER_ATTRS = ('func', '_orig_mod', '_torchdynamo_orig_callable')  # BaseLoss; torch.compile: module, function
+
+def _loss_chain(loss_func) -> list:
+    "`loss_func` and the losses it wraps, outermost first: fastai's `BaseLoss`, `torch.compile`'s wrappers"
+    chain = [loss_func]
+    while len(chain) < 10:
+        inner = next((getattr(chain[-1], a) for a in _WRAPPER_ATTRS if hasattr(chain[-1], a)), None)
+        if inner is None: break
+        chain.append(inner)
+    return chain
+
 def _loss_settings(loss_func, eps=None, prior=None):
-    "`(eps, prior, class axis, ignore_index)` to log with: `eps`/`prior` when given, else the loss's, else 0.1 and uniform"
-    func = getattr(loss_func, 'func', loss_func)  # fastai's `BaseLoss` keeps the wrapped loss in `.func`
+    "`(eps, prior, class axis, ignore_index)`: `eps`/`prior` when given, else the loss's, else 0.1 and uniform"
+    chain = _loss_chain(loss_func)
+    func = chain[-1]
     if eps is None:
         if isinstance(func, (LabelSmoothingCrossEntropy, fastai.losses.LabelSmoothingCrossEntropy)): eps = func.eps
-        else: eps = getattr(func, 'label_smoothing', 0.) or 0.1  # torch's `nn.CrossEntropyLoss(label_smoothing=...)`
+        else: eps = getattr(func, 'label_smoothing', 0.) or 0.1  # torch's `nn.CrossEntropyLoss(label_smoothing=)`
     if prior is None and isinstance(func, LabelSmoothingCrossEntropy): prior = func.prior
-    return _check_eps(eps), _check_prior(prior), getattr(loss_func, 'axis', 1), getattr(func, 'ignore_index', -100)
+    axis = next((o.axis for o in chain if hasattr(o, 'axis')), 1)  # the outermost's: fastai's Flat losses have one
+    return _check_eps(eps), _check_prior(prior), axis, getattr(func, 'ignore_index', -100)
 
 # %% ../nbs/01_callbacks.ipynb #8b356a53
 def _is_multilabel(loss_func) -> bool:
     "Whether `loss_func` is a binary/multi-label loss: ours, fastai's `BCEWithLogitsLossFlat`, torch's"
-    func = getattr(loss_func, 'func', loss_func)
+    func = _loss_chain(loss_func)[-1]
     return isinstance(func, (LabelSmoothingBCEWithLogits, nn.BCEWithLogitsLoss))
 
 def _check_label_prior(prior):
@@ -41,7 +54,7 @@ def _check_label_prior(prior):
 
 def _multilabel_settings(loss_func, eps=None, prior=None):
     "`(eps, prior, label axis, ignore_index)` of a multi-label loss: as given, else the loss's, else 0.1, 0.5"
-    func = getattr(loss_func, 'func', loss_func)
+    func = _loss_chain(loss_func)[-1]
     ours = isinstance(func, LabelSmoothingBCEWithLogits)
     if eps is None: eps = func.eps if ours else 0.1
     if prior is None and ours: prior = func.prior
@@ -76,6 +89,7 @@ def _labels(y:Tensor, pred:Tensor, axis:int) -> Tensor:
 def _calibration_bins(conf:Tensor, correct:Tensor, bounds:Tensor, kept:Tensor|None=None) -> Tensor:
     "(count, sum of confidence, sum of accuracy) of the `kept` rows per bin of `bounds`: torchmetrics' bins, [lo, hi) and a confidence of 1.0 on its own"
     kept = torch.ones_like(conf) if kept is None else kept
+    kept, conf = kept.masked_fill(conf.isnan(), 0), conf.nan_to_num(0.)  # NaN predictions: in no bin
     idx = torch.bucketize(conf, bounds, right=True) - 1
     bins = torch.zeros(len(bounds), 3, dtype=torch.float64, device=conf.device)
     return bins.index_add_(0, idx, torch.stack([kept, conf * kept, correct * kept], 1).double())
@@ -164,72 +178,83 @@ class _EpochValue(Metric):
     def value(self): return self.logger._epoch_value(self._name)
 
 class EntropyLogger(Callback):
-    "Log the cross-entropy of the smoothed target against the predictions, its floor, the predictions' entropy, confidence and ECE"
+    "Log the smoothed target's cross-entropy with the predictions, its floor, their entropy, confidence and ECE"
     order, remove_on_fetch = -5, True  # before `MixUp` (unmixed labels) and `Recorder` (our columns)
-    _stateattrs = ('_rows', '_at', '_vrows', '_bins', '_vsum', '_vbins', '_now', '_cache', '_values', '_tbuf', '_vbuf')
+    _stateattrs = ('_rows', '_row_means', '_at', '_vrows', '_bins', '_vsum', '_vbins', '_now', '_cache',
+                   '_values', '_tbuf', '_vbuf', '_fit')
     def __init__(self,
-        eps:float|None=None, # smoothing of the target q'; `None`: the loss's (`eps` or `label_smoothing`), else 0.1
-        prior:str|Tensor|None=None, # `None`: the loss's prior, else uniform; 'others'; or a tensor of K class probabilities
+        eps:float|None=None, # smoothing of the target q'; `None`: the loss's (`eps`, `label_smoothing`), else 0.1
+        prior:str|Tensor|None=None, # `None`: the loss's prior, else uniform; 'others'; or K class probabilities
         n_bins:int=15, # equal-width confidence bins of the ECE
         every:int=1, # log every `every`-th training batch in the history
-        multilabel:bool|None=None, # independent labels (sigmoid); `None`: whether the loss is a binary/multi-label one
+        multilabel:bool|None=None, # independent labels (sigmoid); `None`: whether the loss is a multi-label one
     ):
         super().__init__()
         for name, n in (('n_bins', n_bins), ('every', every)):
-            if isinstance(n, bool) or not isinstance(n, int) or n < 1: raise ValueError(f"`{name}` must be a positive integer, got {n!r}")
-        prior = _check_label_prior(prior) if multilabel else _check_prior(prior)  # per-label priors: `multilabel=True`
+            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                raise ValueError(f"`{name}` must be a positive integer, got {n!r}")
+        prior = _check_label_prior(prior) if multilabel else _check_prior(prior)  # per-label: `multilabel=True`
         self.eps, self.prior = None if eps is None else _check_eps(eps), prior
         store_attr('n_bins,every,multilabel')
         self._init_state()
 
     def _init_state(self):
-        "Empty history and buffers: when created, and when unpickled (they are not pickled)"
-        self._rows, self._at, self._vrows, self._bins, self._cache, self._values = [], [], [], None, None, {}
+        "Empty history and buffers: when created, reset, and unpickled (they are not pickled)"
+        self._rows, self._row_means, self._at, self._vrows, self._bins = [], [], [], [], None
+        self._cache, self._values, self._fit = None, {}, -1
         self._valid, self._vsum, self._vbins, self._new_fit, self._mean_args = False, None, None, False, (0.1, 0)
         self._multilabel = False
-        self._now = dict(yb=(), fresh=False, iter=0, buffered=0)  # the batch's labels, whether it has a prediction, the fit's training batches
-        self._tbuf, self._vbuf = [], []  # (prediction, labels) of the batches not computed yet, training and validation
+        # the batch's labels, whether it has a prediction, the training batches of all fits, values buffered
+        self._now = dict(yb=(), fresh=False, iter=0, buffered=0)
+        self._tbuf, self._vbuf = [], []  # (prediction, labels) of batches not computed yet: training, validation
+
+    def reset(self):
+        "Forget the history of all fits so far"
+        self._init_state()
 
     def _predicting(self) -> bool:
-        "Inside `get_preds`, `validate`, `predict` or `Interpretation`: they hold `learn.lock` (`get_preds` adds `gather_preds`)"
+        "Inside `get_preds`, `validate`, `predict` or `Interpretation`: they hold `learn.lock` (or `gather_preds`)"
         lock = getattr(self.learn, 'lock', None)
         return hasattr(self.learn, 'gather_preds') or (lock is not None and lock.locked())
 
     def before_fit(self):
-        "Settings from the loss, and our columns into `learn.metrics`; off for `get_preds`, `validate` and `lr_find`"
+        "Settings from the loss, and our columns into `learn.metrics`; off for `get_preds`, `validate`, `lr_find`"
         self.run = not (hasattr(self.learn, 'lr_finder') or self._predicting())
+        self._values = {}  # our columns are `None` until computed on the data being validated
         if not self.run: return
         ml = self.multilabel
         self._multilabel = _is_multilabel(self.learn.loss_func) if ml is None else ml
         settings = _multilabel_settings if self._multilabel else _loss_settings
         self._eps, self._prior, self._axis, self._ignore = settings(self.learn.loss_func, self.eps, self.prior)
-        self._cache, self._new_fit, self._now = None, True, dict(yb=(), fresh=False, iter=0, buffered=0)
-        self.learn.metrics = [m for m in self.learn.metrics if not isinstance(m, _EpochValue)] + [_EpochValue(self, n) for n in _recorded]
+        self._cache, self._new_fit = None, True
+        self._now.update(yb=(), fresh=False, buffered=0)
+        self._tbuf.clear(); self._vbuf.clear()
+        columns = [_EpochValue(self, n) for n in _recorded]
+        self.learn.metrics = [m for m in self.learn.metrics if not isinstance(m, _EpochValue)] + columns
 
     def _start(self):
-        "At a new fit's first batch, forget the last fit's history"
-        if not self._new_fit: return
-        self._rows, self._at, self._vrows, self._bins, self._new_fit = [], [], [], None, False
-        self._tbuf.clear()
+        "At a fit's first batch, number it: the history keeps every fit's (`fine_tune`'s two, say)"
+        if self._new_fit: self._fit, self._new_fit = self._fit + 1, False
 
     def before_train(self): self._start()
     def after_train(self): self._flush()
 
     def before_validate(self):
         "Empty the epoch's sums (not for a `get_preds` called inside `fit`)"
-        self._valid = not self._predicting()
-        if self._valid: self._start(); self._vsum = self._vbins = None; self._values = {}; self._vbuf.clear()
+        self._values, self._valid = {}, not self._predicting()
+        if self._valid: self._start(); self._vsum = self._vbins = None; self._vbuf.clear()
 
-    # per batch, state goes in the dict `_now`: setting a `Callback`'s attribute looks the name up in the `Learner` first
+    # per batch, state goes in the dict `_now`: setting a `Callback`'s attribute looks it up in the `Learner`
     def before_batch(self): self._now['yb'] = self.learn.yb  # the labels, before MixUp/CutMix mix them
-    def after_pred(self): self._now['fresh'] = True  # this batch has a prediction (one cancelled before it has none)
+    def after_pred(self): self._now['fresh'] = True  # this batch has a prediction (a cancelled one has none)
 
     def _consts(self, pred:Tensor) -> tuple:
         "The fit's constants for `pred`'s classes and device, computed once"
-        K, dev = (2 if self._multilabel else pred.shape[self._axis]), pred.device  # multi-label: per batch, `_binary_view`
-        if self._cache is None or self._cache[:2] != (K, dev):
+        K = 2 if self._multilabel else pred.shape[self._axis]  # multi-label: per batch, in `_binary_view`
+        if self._cache is None or self._cache[:2] != (K, pred.device):
             prior = None if self._multilabel else self._prior
-            self._cache = (K, dev, _stat_consts(K, self._eps, prior, dev), torch.linspace(0, 1, self.n_bins + 1, device=dev))
+            consts = _stat_consts(K, self._eps, prior, pred.device)
+            self._cache = (K, pred.device, consts, torch.linspace(0, 1, self.n_bins + 1, device=pred.device))
             self._mean_args = (self._eps, K if self._prior == 'others' else 0)
         return self._cache[2:]
 
@@ -237,11 +262,12 @@ class EntropyLogger(Callback):
         "Keep the batch's prediction (a copy) and labels until the phase ends, or they fill `_FLUSH_AT` values"
         now, learn = self._now, self.learn
         fresh, now['fresh'] = now['fresh'], False
-        if learn.training: i = now['iter']; now['iter'] = i + 1  # counts every training batch, as `learn.train_iter`
+        if learn.training: i = now['iter']; now['iter'] = i + 1  # every training batch, of all fits
         wanted = i % self.every == 0 if learn.training else self._valid
         if not (fresh and wanted and len(now['yb'])): return
         pred, y = learn.pred, now['yb'][0]
-        if learn.training: self._tbuf.append((pred.detach().clone(), y)); self._at.append((i, learn.epoch))
+        if learn.training:
+            self._tbuf.append((pred.detach().clone(), y)); self._at.append((self._fit, i, learn.epoch))
         else:
             n = _n_real(learn.dl, len(pred))
             self._vbuf.append((pred[:n].detach().clone(), y[:n]) if n < len(pred) else (pred.detach().clone(), y))
@@ -249,15 +275,18 @@ class EntropyLogger(Callback):
         if now['buffered'] >= _FLUSH_AT: self._flush(); self._flush(valid=True)
 
     def _flush(self, valid:bool=False):
-        "Compute the buffered batches together: training ones into the history, validation ones into the epoch's sums"
+        "Compute the buffered batches together: training ones into the history, validation ones into sums"
         buf = self._vbuf if valid else self._tbuf
         if not buf: return
         consts, bounds = self._consts(buf[0][0])
-        axis, ml = self._axis, self._multilabel
+        axis, ml, ign = self._axis, self._multilabel, self._ignore
         for pred, y, items in _concat(buf):
-            if ml: pred, y, consts = _binary_view(pred, y, self._eps, self._prior, self._ignore); axis = -1
-            if not valid: self._rows.append(_batch_stats(pred, y, consts, axis, self._ignore, items=items, binary=ml)); continue
-            sums, bins = _batch_stats(pred, y, consts, axis, self._ignore, bounds, items, binary=ml)
+            if ml: pred, y, consts = _binary_view(pred, y, self._eps, self._prior, ign); axis = -1
+            if not valid:
+                sums = _batch_stats(pred, y, consts, axis, ign, items=items, binary=ml)
+                self._rows.append(sums); self._row_means.append(_means(sums, *self._mean_args))
+                continue
+            sums, bins = _batch_stats(pred, y, consts, axis, ign, bounds, items, binary=ml)
             if self._vsum is None: self._vsum, self._vbins = sums.sum(0), bins
             else: self._vsum.add_(sums.sum(0)); self._vbins.add_(bins)
         buf.clear(); self._now['buffered'] = 0
@@ -268,41 +297,46 @@ class EntropyLogger(Callback):
         self._flush(valid=True)
         if self._vsum is None:
             dev = next(iter(self.learn.model.parameters()), torch.empty(0)).device
-            self._vsum, self._vbins = torch.zeros(6, dtype=torch.float64, device=dev), torch.zeros(self.n_bins + 1, 3, dtype=torch.float64, device=dev)
+            self._vsum = torch.zeros(6, dtype=torch.float64, device=dev)
+            self._vbins = torch.zeros(self.n_bins + 1, 3, dtype=torch.float64, device=dev)
         tot = _all_reduce(torch.cat([self._vsum, self._vbins.flatten()])).cpu()
         self._bins = tot[6:].view(-1, 3)
-        means = _means(tot[:6], *self._mean_args).tolist() if tot[5] > 0 else [None] * 6  # no samples: `None`, as fastai's metrics
+        # no samples: `None`, as fastai's metrics
+        means = _means(tot[:6], *self._mean_args).tolist() if tot[5] > 0 else [None] * 6
         self._values = dict(zip(_logged, means), ece=_ece(self._bins))
-        self._vrows.append(dict(epoch=self.learn.epoch, iter=self._now['iter'], **self._values))
+        self._vrows.append(dict(fit=self._fit, epoch=self.learn.epoch, iter=self._now['iter'], **self._values))
 
     def after_fit(self):
-        "The rest of the history (a cancelled fit ends without `after_train`), and our columns out of `learn.metrics` again"
+        "The rest of the history (a cancelled fit skips `after_train`), and our columns out of `learn.metrics`"
         self._flush(); self._vbuf.clear()
         self.learn.metrics = [m for m in self.learn.metrics if not isinstance(m, _EpochValue)]
 
     def _epoch_value(self, name:str) -> float|None:
-        "The epoch's value of `name` for the `Recorder`: validation, or training with `Recorder(train_metrics=True)`"
+        "The epoch's value of `name` for the `Recorder`: validation, or training (`Recorder(train_metrics=True)`)"
         if not self.training: return self._values.get(name)
         if name == 'ece' or not self._rows: return None
-        rows = torch.cat(self._rows).cpu()[torch.tensor([e == self.learn.epoch for _, e in self._at])]
+        this_epoch = torch.tensor([(f, e) == (self._fit, self.learn.epoch) for f, _, e in self._at])
+        rows = torch.cat(self._rows).cpu()[this_epoch]
         return _means(rows.sum(0), *self._mean_args)[_logged.index(name)].item() if len(rows) else None
 
     @property
     def history(self) -> pd.DataFrame:
-        "The last fit's logged training batches: `iter`, `epoch` and the batch means of the logged quantities"
+        "The logged training batches of every fit: `fit`, `iter`, `epoch` and the batch means of `_logged`"
         self._flush()  # batches not computed yet (when read during an epoch)
-        means = _means(torch.cat(self._rows).cpu(), *self._mean_args) if self._rows else torch.zeros(0, 6, dtype=torch.float64)
-        return pd.DataFrame(dict(zip(['iter', 'epoch'], zip(*self._at)) if self._at else dict(iter=[], epoch=[]),
-                                 **dict(zip(_logged, means.T.numpy())))).astype({'iter': int, 'epoch': int})
+        empty = torch.zeros(0, 6, dtype=torch.float64)
+        means = torch.cat(self._row_means).cpu() if self._row_means else empty
+        at = dict(zip(['fit', 'iter', 'epoch'], zip(*self._at))) if self._at else dict(fit=[], iter=[], epoch=[])
+        return pd.DataFrame(dict(at, **dict(zip(_logged, means.T.numpy())))).astype(
+            {'fit': int, 'iter': int, 'epoch': int})
 
     @property
     def valid_history(self) -> pd.DataFrame:
-        "The last fit's validation epochs: the means over all samples of the logged quantities, and the ECE"
-        return pd.DataFrame(self._vrows, columns=['epoch', 'iter', *_logged, 'ece'])
+        "The validation epochs of every fit: the means over all samples of `_logged`, and the ECE"
+        return pd.DataFrame(self._vrows, columns=['fit', 'epoch', 'iter', *_logged, 'ece'])
 
     @property
     def reliability(self) -> pd.DataFrame:
-        "The last validation epoch's confidence bins: bounds, count, mean confidence and accuracy (the last bin is confidence 1.0)"
+        "The last validation epoch's confidence bins: bounds, count, mean confidence, accuracy (last: 1.0)"
         lo = torch.linspace(0, 1, self.n_bins + 1)
         b = self._bins if self._bins is not None else torch.zeros(self.n_bins + 1, 3, dtype=torch.float64)
         return pd.DataFrame(dict(lo=lo.numpy(), hi=torch.cat([lo[1:], lo[-1:]]).numpy(), count=b[:, 0].long().numpy(),

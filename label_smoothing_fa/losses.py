@@ -154,8 +154,9 @@ def reference_label_smoothing_cross_entropy(input, target, eps=0.1, weight=None,
     if weight_mode == 'torch':
         return _reduce(_cross_entropy_rows(w * q2, lp), ones if soft else w_row, keep, reduction)
     u = smooth_targets(t, K, 1., prior)  # 'fastai': weights on the NLL only
-    nll = _reduce(_cross_entropy_rows(t, lp) * w_row, w_row, keep, reduction)
-    return (1 - eps) * nll + eps * _reduce(_cross_entropy_rows(u, lp), ones, keep, reduction)
+    nll = _reduce(_cross_entropy_rows(t, lp) * w_row, w_row, keep, reduction) if eps < 1 else 0.
+    smooth = _reduce(_cross_entropy_rows(u, lp), ones, keep, reduction) if eps > 0 else 0.
+    return (1 - eps) * nll + eps * smooth  # a term with no weight adds 0, even where it is infinite
 
 # %% ../nbs/00_losses.ipynb #72642cf2
 def _class_vec(v:Tensor, x:Tensor, axis:int) -> Tensor:

@@ -175,7 +175,7 @@ def test_history_matches_batches(every):
     probe = Probe()
     learn = fit(make_learner(LabelSmoothingCrossEntropy(0.2, prior='others'), [EntropyLogger(every=every), probe], n_train=320), 2)
     h = learn.entropy_logger.history
-    assert list(h.columns) == ['iter', 'epoch'] + LOGGED
+    assert list(h.columns) == ['fit', 'iter', 'epoch'] + LOGGED and (h['fit'] == 0).all()
     n = len(probe.seen)
     assert n == 20 and h['iter'].tolist() == list(range(0, n, every)) and h['epoch'].tolist() == [i // 10 for i in range(0, n, every)]
     for (_, row), i in zip(h.iterrows(), range(0, n, every)):
@@ -242,8 +242,23 @@ def test_predictions_leave_history(tmp_path):
     learn('before_fit'); learn.get_preds(inner=True); learn('after_fit')  # the events `tta` fires: `before_fit`, but no training
     learn.lr_find(num_it=6, show_plot=False)
     for a, b in zip(before, (el.history, el.valid_history, el.reliability)): assert a.equals(b)
-    fit(learn)  # a new fit starts a new history
-    assert len(el.history) == 4 and len(el.valid_history) == 1
+    fit(learn)  # a new fit adds to the history, under the next `fit` number
+    assert len(el.history) == 12 and len(el.valid_history) == 3
+    assert el.history['fit'].tolist() == [0] * 8 + [1] * 4 and el.history['iter'].tolist() == list(range(12))
+    assert el.valid_history['fit'].tolist() == [0, 0, 1] and el.history.iloc[:8].equals(before[0])
+    el.reset()
+    assert len(el.history) == 0 and len(el.valid_history) == 0
+
+def test_stale_values_are_none():
+    "Our Recorder columns are computed on the data just validated, or None: after an interrupted fit too"
+    class Interrupt(Callback):
+        def after_batch(self):
+            if self.training and self.epoch == 1: raise KeyboardInterrupt
+    learn = make_learner(LabelSmoothingCrossEntropy(0.1), [EntropyLogger(), Interrupt()])
+    with pytest.raises(KeyboardInterrupt): fit(learn, 3)
+    assert len(learn.entropy_logger.valid_history) == 1  # the first epoch finished
+    learn.remove_cb(learn.interrupt)
+    assert learn.validate()[1:] == [None] * len(RECORDED)
 
 def test_export_and_load(tmp_path):
     learn = fit(make_learner(LabelSmoothingCrossEntropy(0.1), [EntropyLogger(n_bins=10)], n_train=1600, bs=8, datasets=True), 1)

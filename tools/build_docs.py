@@ -237,12 +237,24 @@ def translate_code_cell(cell, page, doc_url, readme, seen):
     if opts.get('output') == 'false': tags.append('remove-output')
     if opts.get('code-fold') == 'true': tags.append('hide-input')
     if tags: cell.metadata['tags'] = tags
+    for o in cell.get('outputs', []): theme_tables(o.get('data', {}))
     if opts.get('output') != 'asis': return [cell]
     md = output_markdown(cell)
     if cell.source.lstrip().startswith('show_doc('): md = show_doc_markdown(md, readme, seen)
     res = [] if opts.get('echo') == 'false' else [nbformat.v4.new_code_cell(cell.source)]
     if md: res.append(nbformat.v4.new_markdown_cell(translate_links(md, page, doc_url, readme)))
     return res
+
+
+_re_df_table = re.compile(r'<table border="1" class="dataframe">')
+
+
+def theme_tables(data):
+    "pandas' HTML tables in an output's `data` (in place): the theme's `docutils` table class, no `border=1`."
+    html = data.get('text/html')
+    if html is None: return
+    fix = lambda t: _re_df_table.sub('<table class="dataframe docutils">', t)
+    data['text/html'] = [fix(t) for t in html] if isinstance(html, list) else fix(html)
 
 
 def toctree(sidebar_yml):
@@ -319,7 +331,7 @@ def notebook_markdown(nb):
 def write_readme(cfg, proc_index):
     "Write README.md from the processed index notebook (deterministic: same notebooks, same bytes)."
     nb = translate_nb(read_notebook(proc_index), 'index.html', doc_site_url(cfg), readme=True)
-    md = notebook_markdown(nb).replace(doc_site_url(cfg) + '/', f"{Path(cfg.doc_path).name}/")  # links into the site `make docs` builds
+    md = notebook_markdown(nb)  # links to the published site (`doc_host` + `doc_baseurl`), as nbdev's README has them
     (cfg.config_path/'README.md').write_text(md, encoding='utf-8')
 
 
@@ -347,7 +359,17 @@ html_show_sourcelink = False
 html_copy_source = False
 '''
 
-CSS = 'p:has(> a.sourcelink:only-child) { float: right; margin: 1.6rem 0 0 1rem; font-size: smaller; }\n'
+CSS = """\
+p:has(> a.sourcelink:only-child) { float: right; margin: 1.6rem 0 0 1rem; font-size: smaller; }
+/* Code lines are at most 100 characters: widen furo's 46em content so that they fit without sideways scrolling
+   (at 1280 px furo hides the table of contents on the right, which leaves the room) */
+@media (min-width: 63em) { .content { width: 58em; } }
+/* The site title breaks between words only, never inside label_smoothing_fa */
+.sidebar-brand-text { overflow-wrap: normal; word-break: keep-all; white-space: nowrap; font-size: 1.3rem; }
+/* pandas DataFrames (rewritten to the theme's `docutils` tables by build_docs.py): wide ones scroll on their own */
+div.cell_output table.dataframe { display: block; max-width: 100%; overflow-x: auto; margin: .5rem 0; }
+div.cell_output table.dataframe td, div.cell_output table.dataframe th { padding: .1rem .5rem; text-align: right; }
+"""
 
 
 def fetch_mathjax(cache):

@@ -7,8 +7,11 @@
 Static checks: a page per notebook (and `nbs/sidebar.yml` lists each one); every public symbol in the library's
 `_modidx.py` has its nbdev anchor on its page and its name in the search index; no Quarto/nbdev syntax left in the
 text (`#|`, `show_doc(`, `:::`, `{.callout`); no `$...$` left outside math; the code of hidden cells absent;
-every image present; every link within the site resolves; no script or stylesheet loaded from the internet.
-Browser checks: MathJax typeset every formula without error; a screenshot of each page in `<doc_path>/_screenshots/`.
+every image present; every link within the site resolves; no script or stylesheet loaded from the internet;
+every pandas table styled as the theme's tables (class `docutils`, no `border`).
+Browser checks, in a 1280-pixel-wide window: MathJax typeset every formula without error; every visible code block
+(`pre`) fits its box, no sideways scrolling (scrollWidth <= clientWidth); a screenshot of each page in
+`<doc_path>/_screenshots/`.
 """
 import argparse, ast, html, json, os, re, shutil, subprocess, sys, tempfile, threading
 from configparser import ConfigParser
@@ -24,6 +27,18 @@ from build_docs import ROOT, html_name, split_options  # the same page names and
 VOID_TAGS = {'area', 'base', 'br', 'col', 'embed', 'hr', 'img', 'input', 'link', 'meta', 'source', 'track', 'wbr'}
 RAW_SYNTAX = ['#|', 'show_doc(', ':::', '{.callout']
 _re_dollar_math = re.compile(r'\$(?=[^\s$])[^$\n]*?[^\s$\\]\$(?!\d)|\$\$[^$]+\$\$')  # as Pandoc reads `$...$`
+WINDOW = (1280, 2000)  # the browser checks' window, in CSS pixels
+# Injected into each page the check's server sends: after load, the visible `pre`s wider than their box, as JSON
+PRE_CHECK = """<script>window.addEventListener('load', () => setTimeout(() => {
+  const longest = t => t.split('\\n').reduce((a, b) => b.length > a.length ? b : a, '').trim().slice(0, 70);
+  const wide = [...document.querySelectorAll('pre')].filter(p => p.offsetParent && p.scrollWidth > p.clientWidth)
+    .map(p => `${p.scrollWidth} > ${p.clientWidth} px: ${longest(p.textContent)}`);
+  const out = document.createElement('script');
+  out.type = 'application/json'; out.id = 'check-docs-wide-pre';
+  out.textContent = JSON.stringify(wide).replace(/</g, '\\\\u003c');
+  document.body.appendChild(out);
+}, 500));</script>"""
+_re_wide_pre = re.compile(r'<script type="application/json" id="check-docs-wide-pre">(.*?)</script>', re.DOTALL)
 CHROMIUM_FLAGS = ['--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking',
                   '--disable-component-update', '--disable-sync', '--no-first-run']
 
@@ -33,6 +48,7 @@ class Page(HTMLParser):
     def __init__(self, path):
         super().__init__(convert_charrefs=True)
         self.ids, self.hrefs, self.assets, self.imgs, self.n_math = set(), [], [], [], 0  # assets: scripts, <link>s
+        self.tables = []  # (classes, border attribute) of each <table>
         self.text, self.prose, self._open = [], [], []  # visible text; the part outside code and math; open tags
         self.feed(path.read_text(encoding='utf-8'))
         self.text, self.prose = ''.join(self.text), ''.join(self.prose)
@@ -45,6 +61,7 @@ class Page(HTMLParser):
         if tag == 'script' and a.get('src'): self.assets.append(a['src'])
         if tag == 'link' and a.get('href'): self.assets.append(a['href'])
         if tag == 'img': self.imgs.append(a.get('src') or '')
+        if tag == 'table': self.tables.append((classes, a.get('border')))
         if 'math' in classes: self.n_math += 1
         if tag in VOID_TAGS: return
         kind = ('hidden' if tag in ('script', 'style', 'template') else
@@ -141,6 +158,12 @@ def check_text(page, p):
     return problems
 
 
+def check_tables(page, p):
+    "pandas' tables carry the theme's table class (`docutils`) and no `border` attribute."
+    bad = [c for c, border in p.tables if 'dataframe' in c and ('docutils' not in c or border is not None)]
+    return [f'{page}: {len(bad)} pandas table(s) without the theme\'s table style'] if bad else []
+
+
 def hidden_lines(nb_path):
     "A distinctive line of each hidden cell's code (`#| hide` or `include: false`) of a source notebook."
     cells = json.loads(nb_path.read_text(encoding='utf-8'))['cells']
@@ -199,22 +222,34 @@ def chromium(install):
     return shutil.which('chromium')
 
 
-class QuietHandler(SimpleHTTPRequestHandler):
+class CheckHandler(SimpleHTTPRequestHandler):
+    "Serves the site quietly, with `PRE_CHECK` injected into each html page."
     def log_message(self, *args): pass
+
+    def do_GET(self):
+        path = Path(self.translate_path(self.path))
+        if path.suffix != '.html' or not path.is_file(): return super().do_GET()
+        body = path.read_bytes().replace(b'</body>', PRE_CHECK.encode() + b'</body>', 1)
+        self.send_response(200)
+        self.send_header('Content-Type', 'text/html; charset=utf-8')
+        self.send_header('Content-Length', str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
 
 
 def check_browser(site, pages, exe):
-    "Open each page in headless Chromium `exe` over a localhost server: math typeset without errors; save screenshots."
+    """Open each page in headless Chromium `exe` over a localhost server: math typeset without errors, code blocks
+    that fit their box; save screenshots."""
     shots = site/'_screenshots'
     shots.mkdir(exist_ok=True)
-    server = ThreadingHTTPServer(('127.0.0.1', 0), partial(QuietHandler, directory=str(site)))
+    server = ThreadingHTTPServer(('127.0.0.1', 0), partial(CheckHandler, directory=str(site)))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     problems = []
     try:
         for page, p in sorted(pages.items()):
             with tempfile.TemporaryDirectory() as profile:
                 cmd = [exe, *CHROMIUM_FLAGS, f'--user-data-dir={profile}', '--virtual-time-budget=10000',
-                       '--window-size=1280,2000', f'--screenshot={shots/page.replace("/", "_")[:-5]}.png', '--dump-dom',
+                       f'--window-size={WINDOW[0]},{WINDOW[1]}', f'--screenshot={shots/page.replace("/", "_")[:-5]}.png', '--dump-dom',
                        f'http://127.0.0.1:{server.server_port}/{page}']
                 try: r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
                 except subprocess.TimeoutExpired:
@@ -230,6 +265,10 @@ def check_browser(site, pages, exe):
                 problems.append(f'{page}: MathJax error: {html.unescape(err)}')
             for macro in sorted(set(re.findall(r'<mtext mathcolor="red">(\\[^<]*)</mtext>', dom))):
                 problems.append(f'{page}: MathJax: undefined macro {html.unescape(macro)}')
+            wide = _re_wide_pre.search(dom)
+            if not wide: problems.append(f'{page}: the code-block width check did not run')
+            for w in json.loads(wide.group(1)) if wide else []:
+                problems.append(f'{page}: code block scrolls sideways at {WINDOW[0]} px ({w})')
     finally: server.shutdown()
     print(f'check_docs: screenshots in {shots.relative_to(ROOT)}/')
     return problems
@@ -246,7 +285,8 @@ def main():
              if not p.relative_to(site).parts[0].startswith('_') and p.name not in ('genindex.html', 'search.html')}
     problems = check_pages(nbs, site, pages) + check_symbols(lib, site, pages) + check_hidden(nbs, pages)
     parsed = dict(pages)  # every page parsed so far, for the links' anchors
-    for page, p in pages.items(): problems += check_text(page, p) + check_files(site, page, p, parsed)
+    for page, p in pages.items():
+        problems += check_text(page, p) + check_files(site, page, p, parsed) + check_tables(page, p)
     required = args.browser or bool(os.environ.get('CI'))  # elsewhere they run when Chromium is there or root can install it
     exe = chromium(install=required or os.geteuid() == 0)
     if exe: problems += check_browser(site, pages, exe)

@@ -1,0 +1,142 @@
+"""Property tests that hunt for wrong numbers at the edges: both paths (dense and fused) against a float64 reference on
+random shapes, dtypes, layouts and options, with logits far from 0, masked (-inf) classes and padding (-inf, NaN in
+ignored positions); shift invariance; eps=0 is torch's cross-entropy; torch.compile(fullgraph=True)."""
+import pytest, torch, torch.nn.functional as F
+from hypothesis import given, settings, strategies as st, HealthCheck
+
+import label_smoothing_fa.losses as L
+from label_smoothing_fa.losses import label_smoothing_cross_entropy, reference_label_smoothing_cross_entropy
+
+INF, NAN = float('inf'), float('nan')
+
+def run(path, x, target, **kw):
+    "Loss and input gradient on one path: 'fused' (whatever the size) or 'dense'"
+    old, L._DENSE_BELOW = L._DENSE_BELOW, (0 if path == 'fused' else 1 << 62)
+    try:
+        x = x.detach().clone().requires_grad_()
+        out = label_smoothing_cross_entropy(x, target, **kw)
+        g = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape) if out.ndim else torch.ones(())
+        (out * g).sum().backward()
+        return out.detach(), x.grad
+    finally: L._DENSE_BELOW = old
+
+def reference(x, target, **kw):
+    "The reference formula in float64, loss and gradient"
+    x = x.detach().double().requires_grad_()
+    tgt = target.double() if target.dtype.is_floating_point else target
+    out = reference_label_smoothing_cross_entropy(x, tgt, **kw)
+    g = torch.linspace(-1, 1, out.numel(), dtype=torch.float64).reshape(out.shape) if out.ndim else torch.ones(())
+    (out * g).sum().backward()
+    return out.detach(), x.grad
+
+def magnitude(t): return t.abs().nan_to_num(0, 0, 0).amax().item() if t.numel() else 0.
+
+def assert_close(a, b, rtol, atol):
+    torch.testing.assert_close(a.double(), b.double(), rtol=rtol, atol=atol, equal_nan=True)
+
+@st.composite
+def problems(draw):
+    "Logits, targets and options; logits scaled, offset, and with non-finite values where the answer is defined"
+    K = draw(st.integers(1, 7))
+    rows = draw(st.lists(st.integers(0, 5), min_size=1, max_size=3))
+    axis = draw(st.integers(0, len(rows)))
+    shape = rows[:axis] + [K] + rows[axis:]
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    dtype = draw(st.sampled_from([torch.float32, torch.float64, torch.float16, torch.bfloat16]))
+    scale = draw(st.sampled_from([0.01, 1., 10., 100.]))
+    offset = draw(st.sampled_from([0., 1e3, -1e3, 1e4, -1e4])) if dtype in (torch.float32, torch.float64) else 0.
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) * scale + offset).to(dtype)
+    kind = draw(st.sampled_from(['index', 'ignore', 'soft']))
+    eps = draw(st.sampled_from([0., 0.1, 0.5, 1.])) if draw(st.booleans()) else draw(st.floats(0, 1))
+    prior = draw(st.sampled_from(['none', 'others', 'tensor', 'sparse'])) if K > 1 else 'none'
+    u = torch.softmax(torch.randn(K, generator=g, dtype=torch.float64), 0)
+    if prior == 'sparse': u = torch.where(torch.arange(K) % 2 == 0, u, 0.); u = u / u.sum()
+    prior = {'none': None, 'others': 'others'}.get(prior, u)
+    rshape = rows[:axis] + rows[axis:]
+    if kind == 'soft':
+        target = torch.softmax(torch.randn(shape, generator=g, dtype=torch.float64) * 3, axis)
+    else:
+        target = torch.randint(0, K, rshape, generator=g)
+        if kind == 'ignore': target = torch.where(torch.rand(rshape, generator=g) < 0.4, -100, target)
+    inject = draw(st.sampled_from(['none', 'none', 'padding', 'masked']))
+    xm = x.movedim(axis, -1).clone()
+    if inject == 'padding' and kind == 'ignore':  # ignored positions' logits: -inf, NaN or huge
+        pad = draw(st.sampled_from([-INF, NAN, 3e38]))
+        xm[target == -100] = pad
+    if inject == 'masked' and kind != 'soft':  # -inf where the smoothed target is 0
+        target_mass = F.one_hot(torch.where(target == -100, 0, target), K).bool()
+        prior_mass = torch.zeros(K, dtype=torch.bool) if eps == 0 else \
+            torch.ones(K, dtype=torch.bool) if prior is None else \
+            (torch.ones(K, dtype=torch.bool) if isinstance(prior, str) else prior > 0)
+        if prior == 'others': target_mass = target_mass | True  # 'others' puts mass on every class but one
+        masked = ~(target_mass | prior_mass) & (torch.rand(xm.shape, generator=g) < 0.5)
+        xm[masked] = -INF
+    x = xm.movedim(-1, axis)
+    weight = None
+    if draw(st.booleans()):
+        weight = torch.rand(K, generator=g, dtype=torch.float64) + 0.05
+        half = dtype in (torch.float16, torch.bfloat16)  # whose gradients overflow at 65504 (float16)
+        weight = weight * draw(st.sampled_from([1., 1e-30] if half else [1., 1e-30, 1e20]))
+    return x, target, dict(eps=eps, weight=weight, prior=prior, axis=axis,
+                           reduction=draw(st.sampled_from(['mean', 'sum', 'none'])),
+                           weight_mode=draw(st.sampled_from(['sample', 'torch', 'fastai'])))
+
+def tolerances(x, ref):
+    "Float32 (or the half types' float32) rounding of the loss; float64 input: much tighter"
+    rtol = 1e-12 if x.dtype == torch.float64 else 2e-5
+    return rtol, rtol * (1 + magnitude(ref))
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(problems(), st.sampled_from(['fused', 'dense']))
+def test_both_paths_match_float64_reference(problem, path):
+    x, target, kw = problem
+    xr = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x  # half types compute in float32
+    ref, g_ref = reference(xr, target, **kw)
+    ours, g_ours = run(path, x, target, **kw)
+    rtol, atol = tolerances(x, ref)
+    assert_close(ours, ref, rtol, atol)
+    assert_close(g_ours, g_ref.to(g_ours.dtype), 1e-2 if x.dtype in (torch.float16, torch.bfloat16) else rtol,
+                 1e-2 if x.dtype in (torch.float16, torch.bfloat16) else atol)
+    assert torch.isfinite(g_ours).all()  # every case drawn has a finite gradient (masked and padded included)
+
+@settings(max_examples=100, deadline=None)
+@given(problems(), st.sampled_from(['fused', 'dense']), st.sampled_from([1., -7.5, 1e3, -1e4]))
+def test_shift_invariance(problem, path, c):
+    "L(x + c) = L(x): adding a constant to every logit of a row changes nothing"
+    x, target, kw = problem
+    if x.dtype != torch.float64: x = x.double()  # exact shifts
+    a, ga = run(path, x, target, **kw)
+    b, gb = run(path, x + c, target, **kw)
+    assert_close(a, b, 1e-9, 1e-9 * (1 + magnitude(a)))
+    assert_close(ga, gb, 1e-9, 1e-9)
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(1, 300), st.integers(1, 400), st.sampled_from([0., 10., 1e3, -1e4]), st.integers(0, 2**16),
+       st.sampled_from(['mean', 'sum', 'none']), st.sampled_from(['fused', 'dense']))
+def test_eps_zero_is_torch_cross_entropy(n, k, offset, seed, reduction, path):
+    "At eps=0 both paths give torch's F.cross_entropy, in float64, masked classes included"
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, k, generator=g, dtype=torch.float64) * 5 + offset
+    y = torch.randint(0, k, (n,), generator=g)
+    x[torch.rand(n, k, generator=g) < 0.2] = -INF
+    x[torch.arange(n), y] = offset  # the target classes stay finite
+    ours, g_ours = run(path, x, y, eps=0., reduction=reduction)
+    xt = x.clone().requires_grad_()
+    ref = F.cross_entropy(xt, y, reduction=reduction)
+    (ref * (torch.linspace(-1, 1, ref.numel(), dtype=torch.float64).reshape(ref.shape) if ref.ndim else 1)).sum().backward()
+    assert_close(ours, ref.detach(), 1e-12, 1e-12 * (1 + abs(offset)))
+    assert_close(g_ours, xt.grad, 1e-12, 1e-12)
+
+@pytest.mark.parametrize('shape', [(16, 10), (300, 300), (2, 5, 40, 41)])
+def test_compile_fullgraph_matches_eager(shape):
+    "torch.compile with the default backend, fullgraph: values and gradients of eager, on both paths"
+    torch.manual_seed(0)
+    axis = 1
+    x = torch.randn(shape) * 3
+    y = torch.randint(0, shape[axis], shape[:axis] + shape[axis + 1:])
+    y.view(-1)[0] = -100
+    compiled = torch.compile(lambda x, y: label_smoothing_cross_entropy(x, y, 0.1, axis=axis), fullgraph=True)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    l1, l2 = compiled(x1, y), label_smoothing_cross_entropy(x2, y, 0.1, axis=axis)
+    l1.backward(); l2.backward()
+    assert_close(l1, l2, 1e-5, 1e-6); assert_close(x1.grad, x2.grad, 1e-5, 1e-8)
