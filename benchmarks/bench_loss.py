@@ -85,6 +85,20 @@ def soft_check_share(reps=31):
                      checks=sums_and_checks), reps, before=lambda: flush.fill_(1.))
     return (m['checks'] - m['sums']) / m['full']
 
+def compiled_ratios(reps=9):
+    """Compiled ours against compiled `F.cross_entropy(label_smoothing=...)` (torch.compile, default backend,
+    fullgraph): median forward+backward ms of each and their ratio, for the cases small enough to compile quickly"""
+    out = {}
+    for case in ('256x10', '4096x1000'):
+        x, y, axis = make(case)
+        fns = {impl: torch.compile(lambda x, y, impl=impl: IMPLS[impl](x, y, axis), fullgraph=True) for impl in ('ours', 'torch')}
+        steps = {impl: (lambda f=f: f(x, y).backward()) for impl, f in fns.items()}
+        for f in steps.values(): f(); f()  # compile, warm up
+        m = medians(steps, reps)
+        out[case] = dict(ours_ms=round(m['ours'] * 1e3, 2), torch_ms=round(m['torch'] * 1e3, 2),
+                         ours_vs_torch=round(m['ours'] / m['torch'], 3))
+    return out
+
 def run(quick):
     # memory first: a child process starts with its parent's peak resident memory, so the parent must still be small
     mem = {} if quick else {impl: peak_memory(impl, '8192x32000') for impl in IMPLS}
@@ -117,6 +131,9 @@ if __name__ == '__main__':
     show(rows, f'forward+backward, float32, {torch.get_num_threads()} threads, {allocator} (ratios: ours / theirs, lower is faster)')
     share = soft_check_share()
     print(f'\nsoft-target validation: {share:.1%} of a soft-target forward+backward at 4096x1000')
+    compiled = compiled_ratios(3 if a.quick else 9)
+    for case, r in compiled.items():
+        print(f"torch.compile, {case}: ours {r['ours_ms']:.2f} ms, torch {r['torch_ms']:.2f} ms, {r['ours_vs_torch']:.2f}x")
     for r in rows: r['allocator'] = allocator
     if os.path.exists(JEMALLOC) and 'LD_PRELOAD' not in os.environ:
         env = dict(os.environ, LD_PRELOAD=JEMALLOC)
@@ -133,5 +150,5 @@ if __name__ == '__main__':
             w = csv.DictWriter(f, keys); w.writeheader(); w.writerows(rows)
         (OUT.with_suffix('.json')).write_text(json.dumps(dict(machine=platform.processor() or platform.machine(), cores=os.cpu_count(),
                                                              torch=torch.__version__, threads=torch.get_num_threads(),
-                                                             soft_check_share=round(share, 4)), indent=1))
+                                                             soft_check_share=round(share, 4), compiled=compiled), indent=1))
         print(f'\nwrote {OUT}')

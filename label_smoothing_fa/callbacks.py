@@ -18,33 +18,37 @@ from .multilabel import LabelSmoothingBCEWithLogits, _per_label
 __all__ = ['EntropyLogger']
 
 # %% ../nbs/01_callbacks.ipynb #5821a0c7
-_WRAPPER_ATTRS = ('func', '_orig_mod', '_torchdynamo_orig_callable')  # BaseLoss; torch.compile: module, function
+# BaseLoss; torch.compile: module, function
+_WRAPPER_ATTRS = ('func', '_orig_mod', '_torchdynamo_orig_callable')
 
 def _loss_chain(loss_func) -> list:
-    "`loss_func` and the losses it wraps, outermost first: fastai's `BaseLoss`, `torch.compile`'s wrappers"
+    "`loss_func` and the losses it wraps, outermost first: `BaseLoss`, `torch.compile`'s wrappers"
     chain = [loss_func]
     while len(chain) < 10:
-        inner = next((getattr(chain[-1], a) for a in _WRAPPER_ATTRS if hasattr(chain[-1], a)), None)
+        outer = chain[-1]
+        inner = next((getattr(outer, a) for a in _WRAPPER_ATTRS if hasattr(outer, a)), None)
         if inner is None: break
         chain.append(inner)
     return chain
 
 def _loss_settings(loss_func, eps=None, prior=None):
-    "`(eps, prior, class axis, ignore_index)`: `eps`/`prior` when given, else the loss's, else 0.1 and uniform"
+    "`(eps, prior, class axis, ignore_index)`: given ones, else the loss's, else 0.1, uniform"
     chain = _loss_chain(loss_func)
     func = chain[-1]
     if eps is None:
-        if isinstance(func, (LabelSmoothingCrossEntropy, fastai.losses.LabelSmoothingCrossEntropy)): eps = func.eps
-        else: eps = getattr(func, 'label_smoothing', 0.) or 0.1  # torch's `nn.CrossEntropyLoss(label_smoothing=)`
+        ls_losses = (LabelSmoothingCrossEntropy, fastai.losses.LabelSmoothingCrossEntropy)
+        if isinstance(func, ls_losses): eps = func.eps
+        else: eps = getattr(func, 'label_smoothing', 0.) or 0.1  # torch's `nn.CrossEntropyLoss`
     if prior is None and isinstance(func, LabelSmoothingCrossEntropy): prior = func.prior
-    axis = next((o.axis for o in chain if hasattr(o, 'axis')), 1)  # the outermost's: fastai's Flat losses have one
+    # the outermost's: fastai's Flat losses have one
+    axis = next((o.axis for o in chain if hasattr(o, 'axis')), 1)
     return _check_eps(eps), _check_prior(prior), axis, getattr(func, 'ignore_index', -100)
 
 # %% ../nbs/01_callbacks.ipynb #8b356a53
 def _is_multilabel(loss_func) -> bool:
-    "Whether `loss_func` is a binary/multi-label loss: ours, fastai's `BCEWithLogitsLossFlat`, torch's"
-    func = _loss_chain(loss_func)[-1]
-    return isinstance(func, (LabelSmoothingBCEWithLogits, nn.BCEWithLogitsLoss))
+    "Whether `loss_func` is a binary/multi-label loss: ours, `BCEWithLogitsLossFlat` or torch's"
+    innermost = _loss_chain(loss_func)[-1]
+    return isinstance(innermost, (LabelSmoothingBCEWithLogits, nn.BCEWithLogitsLoss))
 
 def _check_label_prior(prior):
     "`None` (0.5), a float, or a tensor of per-label probabilities of being positive"
@@ -53,7 +57,7 @@ def _check_label_prior(prior):
     return checked if checked.ndim else float(prior)
 
 def _multilabel_settings(loss_func, eps=None, prior=None):
-    "`(eps, prior, label axis, ignore_index)` of a multi-label loss: as given, else the loss's, else 0.1, 0.5"
+    "Multi-label `(eps, prior, label axis, ignore_index)`: given ones, else the loss's, or 0.1, 0.5"
     func = _loss_chain(loss_func)[-1]
     ours = isinstance(func, LabelSmoothingBCEWithLogits)
     if eps is None: eps = func.eps if ours else 0.1
@@ -66,86 +70,110 @@ def _target_entropy(n_classes:int, eps:float, prior=None) -> Tensor:
     "H(q') of the smoothed one-hot target of each class: the floor of `smooth_ce`"
     K, xlogy, prior = n_classes, lambda t: torch.special.xlogy(t, t), _check_prior(prior, n_classes)
     if prior == 'others':
-        return -(xlogy(torch.tensor(1. - eps)) + (K - 1) * xlogy(torch.tensor(eps / (K - 1)))).expand(K)
+        minus_h = xlogy(torch.tensor(1. - eps)) + (K - 1) * xlogy(torch.tensor(eps / (K - 1)))
+        return -minus_h.expand(K)
     a = eps * (torch.full((K,), 1 / K) if prior is None else prior)
     return -xlogy(a).sum() + xlogy(a) - xlogy(a + 1 - eps)
 
 # %% ../nbs/01_callbacks.ipynb #3b935389
-_logged = ('smooth_ce', 'target_entropy', 'kl', 'entropy', 'confidence', 'nll')  # the history's quantities
+# the history's quantities
+_logged = ('smooth_ce', 'target_entropy', 'kl', 'entropy', 'confidence', 'nll')
 _recorded = ('smooth_ce', 'kl', 'entropy', 'confidence', 'ece')  # the Recorder's columns
-_FLUSH_AT = 1 << 22  # buffered prediction values (16 MB in float32) at which the callback computes its batches
+# buffered prediction values (16 MB in float32) at which the callback computes its batches
+_FLUSH_AT = 1 << 22
 
 def _stat_consts(n_classes:int, eps:float, prior=None, device=None) -> tuple:
     "The prior as a vector (`None` when uniform) and H(q') per class, on `device`"
     v = prior.float() if isinstance(prior, Tensor) else None
-    return tuple(t if t is None else t.to(device) for t in (v, _target_entropy(n_classes, eps, prior)))
+    floor = _target_entropy(n_classes, eps, prior)
+    return tuple(t if t is None else t.to(device) for t in (v, floor))
 
 def _labels(y:Tensor, pred:Tensor, axis:int) -> Tensor:
-    "Flat class indices; soft, one-hot or mixed targets shaped like `pred` give their argmax, the hard label"
+    "Flat class indices; soft, one-hot or mixed targets shaped like `pred` give their argmax label"
     y = y.as_subclass(Tensor)
     if y.dtype.is_floating_point and y.shape == pred.shape: y = y.argmax(axis)
     return y.reshape(-1).long()
 
-def _calibration_bins(conf:Tensor, correct:Tensor, bounds:Tensor, kept:Tensor|None=None) -> Tensor:
-    "(count, sum of confidence, sum of accuracy) of the `kept` rows per bin of `bounds`: torchmetrics' bins, [lo, hi) and a confidence of 1.0 on its own"
+def _calibration_bins(conf:Tensor, correct:Tensor, bounds:Tensor,
+                      kept:Tensor|None=None) -> Tensor:
+    "(count, sum of confidence, sum of accuracy) of the `kept` rows per bin of `bounds`"
+    # torchmetrics' bins: [lo, hi), and a confidence of 1.0 on its own
     kept = torch.ones_like(conf) if kept is None else kept
-    kept, conf = kept.masked_fill(conf.isnan(), 0), conf.nan_to_num(0.)  # NaN predictions: in no bin
+    # NaN predictions: in no bin
+    kept, conf = kept.masked_fill(conf.isnan(), 0), conf.nan_to_num(0.)
     idx = torch.bucketize(conf, bounds, right=True) - 1
     bins = torch.zeros(len(bounds), 3, dtype=torch.float64, device=conf.device)
     return bins.index_add_(0, idx, torch.stack([kept, conf * kept, correct * kept], 1).double())
 
-def _batch_stats(pred:Tensor, y:Tensor, consts:tuple, axis:int, ignore_index:int, bounds:Tensor|None=None, items:list|None=None,
-                 binary:bool=False):
-    "Per batch (`items`: the batches' sizes on dim 0; default one), sums over the kept positions of (log p_y, <u, log p>, H(p), max p, H(q'), 1); with the bins' `bounds`, also (count, confidence, accuracy) per bin; `consts` may hold one prior and H(q') row per position; `binary`: two-class rows (0, x) of independent labels, binned by p(positive) as torchmetrics' binary ECE"
+def _batch_stats(
+    pred:Tensor, y:Tensor,
+    consts:tuple, # (prior, H(q')); may hold one prior and H(q') row per position
+    axis:int, ignore_index:int,
+    bounds:Tensor|None=None, # the bins' bounds: also (count, confidence, accuracy) per bin
+    items:list|None=None, # the batches' sizes on dim 0; default one batch
+    binary:bool=False, # two-class rows (0, x) of labels, binned by p(positive): binary ECE
+):
+    "Per batch, sums over the kept positions of (log p_y, <u, log p>, H(p), max p, H(q'), 1)"
     v, Hq = consts
     x = _f32(pred.detach().as_subclass(Tensor))
     K = x.shape[axis]
     lp = x.log_softmax(axis)
-    if bounds is not None: p = x.softmax(axis)  # as `get_preds` computes it, so the bins match torchmetrics' on its output
+    # p as `get_preds` computes it, so the bins match torchmetrics' on its output
+    if bounds is not None: p = x.softmax(axis)
     if x.ndim != 2 or axis % 2 != 1:
         lp = lp.movedim(axis, -1).reshape(-1, K)
         if bounds is not None: p = p.movedim(axis, -1).reshape(-1, K)
     y = _labels(y, pred, axis)
-    if len(y) != len(lp): raise ValueError(f"the target has {len(y)} positions, the prediction {len(lp)} (shape {tuple(pred.shape)}, class axis {axis})")
+    if len(y) != len(lp):
+        raise ValueError(f"the target has {len(y)} positions, the prediction {len(lp)} "
+                         f"(shape {tuple(pred.shape)}, class axis {axis})")
     ign = y == ignore_index
     yi = y.masked_fill(ign, 0)
     if bounds is None: p, conf = lp.exp(), lp.amax(1).exp_()
     else: conf, cls = p.max(1)
-    rows = torch.stack([lp.gather(1, yi.unsqueeze(1)).squeeze(1), lp.mean(1) if v is None else lp @ v if v.ndim == 1 else (lp * v).sum(1),
-                        torch.special.entr(p).sum(1), conf, Hq.take(yi) if Hq.ndim == 1 else Hq.gather(1, yi.unsqueeze(1)).squeeze(1), torch.ones_like(conf)], 1).masked_fill_(ign.unsqueeze(1), 0)
+    lp_y = lp.gather(1, yi.unsqueeze(1)).squeeze(1)
+    lp_u = lp.mean(1) if v is None else lp @ v if v.ndim == 1 else (lp * v).sum(1)  # <u, log p>
+    hq = Hq.take(yi) if Hq.ndim == 1 else Hq.gather(1, yi.unsqueeze(1)).squeeze(1)
+    columns = [lp_y, lp_u, torch.special.entr(p).sum(1), conf, hq, torch.ones_like(conf)]
+    rows = torch.stack(columns, 1).masked_fill_(ign.unsqueeze(1), 0)
     per_item = len(rows) // max(len(x), 1)
-    sums = torch.stack([r.sum(0, dtype=torch.float64) for r in rows.split([n * per_item for n in items or [len(x)]])])
+    batches = rows.split([n * per_item for n in items or [len(x)]])
+    sums = torch.stack([r.sum(0, dtype=torch.float64) for r in batches])
     if bounds is None: return sums
-    if binary: conf, correct = x.select(axis, 1).reshape(-1).sigmoid(), (y == 1).to(conf.dtype)  # p and y of the label
+    if binary:  # p and y of the label
+        conf, correct = x.select(axis, 1).reshape(-1).sigmoid(), (y == 1).to(conf.dtype)
     else: correct = (cls == y).to(conf.dtype)
     return sums, _calibration_bins(conf, correct, bounds, rows[:, 5])
 
 def _concat(batches:list) -> list:
-    "`(pred, target, batch sizes)` of consecutive `(pred, target)` batches concatenated on dim 0 where their shapes allow (usually all)"
+    "`(pred, target, batch sizes)`: runs of batches joined on dim 0 if shapes allow (usually all)"
     groups = []
     for p, y in batches:
         y = y.as_subclass(Tensor)
-        if groups and groups[-1][0][-1].shape[1:] == p.shape[1:] and groups[-1][1][-1].shape[1:] == y.shape[1:] and groups[-1][1][-1].dtype == y.dtype:
-            groups[-1][0].append(p); groups[-1][1].append(y)
+        ps, ys = groups[-1] if groups else ([], [])
+        same = bool(ps) and ps[-1].shape[1:] == p.shape[1:] and ys[-1].shape[1:] == y.shape[1:]
+        if same and ys[-1].dtype == y.dtype: ps.append(p); ys.append(y)
         else: groups.append(([p], [y]))
     return [(torch.cat(ps), torch.cat(ys), [len(p) for p in ps]) for ps, ys in groups]
 
 def _means(sums:Tensor, eps:float, others:int=0) -> Tensor:
-    "Means of `_logged` from `_batch_stats`'s sums (on the last axis); `others`: the number of classes, for the prior 'others'"
+    "Means of `_logged` from `_batch_stats`'s sums (last axis); `others`: K, for the prior 'others'"
     lpy, lu, ent, conf, hq, n = sums.unbind(-1)
-    hu = -lu if not others else (lpy - others * lu) / (others - 1)  # H(u, p); 'others': u = (K uniform - one-hot) / (K-1)
-    sce = (-(1 - eps) * lpy if eps < 1 else 0.) + (eps * hu if eps > 0 else 0.)  # no 0 * inf where p has zeros
+    # H(u, p); 'others': u = (K uniform - one-hot) / (K-1)
+    hu = -lu if not others else (lpy - others * lu) / (others - 1)
+    # no 0 * inf where p has zeros
+    sce = (-(1 - eps) * lpy if eps < 1 else 0.) + (eps * hu if eps > 0 else 0.)
     return torch.stack([sce, hq, sce - hq, ent, conf, -lpy], -1) / n.unsqueeze(-1)
 
 # %% ../nbs/01_callbacks.ipynb #7e8e3a56
 def _ece(bins:Tensor) -> float|None:
-    "L1 expected calibration error from (count, sum of confidence, sum of accuracy) per bin; `None` without samples"
+    "L1 ECE from (count, sum of confidence, sum of accuracy) per bin; `None` without samples"
     n = bins[:, 0].sum()
     return ((bins[:, 2] - bins[:, 1]).abs().sum() / n).item() if n > 0 else None
 
 # %% ../nbs/01_callbacks.ipynb #8122f8f8
 def _binary_view(pred:Tensor, y:Tensor, eps:float, prior=None, ignore_index:int=-100):
-    "Each label as a two-class row: logits (0, x) on a new last axis, labels 0/1 (or ignored), constants per row"
+    "Labels as two-class rows: logits (0, x) on a new last axis, 0/1 (or `ignore_index`), constants"
     x = _f32(pred.detach().as_subclass(Tensor))
     y = y.as_subclass(Tensor)
     lab = torch.where(y == ignore_index, ignore_index, (y > 0.5).long())
@@ -158,14 +186,17 @@ def _binary_view(pred:Tensor, y:Tensor, eps:float, prior=None, ignore_index:int=
 
 # %% ../nbs/01_callbacks.ipynb #d8631627
 def _n_real(dl, bs:int) -> int:
-    "Items of the batch just loaded from `dl` that are not `DistributedDL` padding (repeats that even out the shards)"
-    if 'n_padded' not in getattr(dl, '__dict__', {}): return bs  # not `hasattr`: fastai's loaders look a missing name up far and slowly
-    start = dl.rank * dl.n_padded // dl.world_size + dl.i - bs  # this batch's first index into the padded order
+    "Items of `dl`'s batch just loaded that are not `DistributedDL` padding (shard-evening repeats)"
+    # not `hasattr`: fastai's loaders look a missing name up far and slowly
+    if 'n_padded' not in getattr(dl, '__dict__', {}): return bs
+    # this batch's first index into the padded order
+    start = dl.rank * dl.n_padded // dl.world_size + dl.i - bs
     return max(0, min(bs, dl.n - start))
 
 def _all_reduce(t:Tensor) -> Tensor:
     "`t` summed over the processes of the default torch.distributed group, if there is one"
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1: dist.all_reduce(t)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
     return t
 
 # %% ../nbs/01_callbacks.ipynb #cc3ca8ad
@@ -178,22 +209,23 @@ class _EpochValue(Metric):
     def value(self): return self.logger._epoch_value(self._name)
 
 class EntropyLogger(Callback):
-    "Log the smoothed target's cross-entropy with the predictions, its floor, their entropy, confidence and ECE"
-    order, remove_on_fetch = -5, True  # before `MixUp` (unmixed labels) and `Recorder` (our columns)
-    _stateattrs = ('_rows', '_row_means', '_at', '_vrows', '_bins', '_vsum', '_vbins', '_now', '_cache',
-                   '_values', '_tbuf', '_vbuf', '_fit')
+    "Log the smoothed target's cross-entropy with predictions, its floor, entropy, confidence, ECE"
+    order, remove_on_fetch = -5, True  # before `MixUp` (unmixed labels), `Recorder` (our columns)
+    _stateattrs = ('_rows', '_row_means', '_at', '_vrows', '_bins', '_vsum', '_vbins', '_now',
+                   '_cache', '_values', '_tbuf', '_vbuf', '_fit')
     def __init__(self,
-        eps:float|None=None, # smoothing of the target q'; `None`: the loss's (`eps`, `label_smoothing`), else 0.1
-        prior:str|Tensor|None=None, # `None`: the loss's prior, else uniform; 'others'; or K class probabilities
+        eps:float|None=None, # smoothing of q'; `None`: the loss's (`eps`/`label_smoothing`) or 0.1
+        prior:str|Tensor|None=None, # `None`: the loss's or uniform; 'others'; or K probabilities
         n_bins:int=15, # equal-width confidence bins of the ECE
         every:int=1, # log every `every`-th training batch in the history
-        multilabel:bool|None=None, # independent labels (sigmoid); `None`: whether the loss is a multi-label one
+        multilabel:bool|None=None, # independent labels (sigmoid); `None`: is the loss multi-label
     ):
         super().__init__()
         for name, n in (('n_bins', n_bins), ('every', every)):
             if isinstance(n, bool) or not isinstance(n, int) or n < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {n!r}")
-        prior = _check_label_prior(prior) if multilabel else _check_prior(prior)  # per-label: `multilabel=True`
+        # per-label: `multilabel=True`
+        prior = _check_label_prior(prior) if multilabel else _check_prior(prior)
         self.eps, self.prior = None if eps is None else _check_eps(eps), prior
         store_attr('n_bins,every,multilabel')
         self._init_state()
@@ -202,35 +234,39 @@ class EntropyLogger(Callback):
         "Empty history and buffers: when created, reset, and unpickled (they are not pickled)"
         self._rows, self._row_means, self._at, self._vrows, self._bins = [], [], [], [], None
         self._cache, self._values, self._fit = None, {}, -1
-        self._valid, self._vsum, self._vbins, self._new_fit, self._mean_args = False, None, None, False, (0.1, 0)
+        self._valid, self._vsum, self._vbins, self._new_fit = False, None, None, False
+        self._mean_args = (0.1, 0)
         self._multilabel = False
-        # the batch's labels, whether it has a prediction, the training batches of all fits, values buffered
+        # the batch's labels, has it a prediction, the training batches of all fits, values buffered
         self._now = dict(yb=(), fresh=False, iter=0, buffered=0)
-        self._tbuf, self._vbuf = [], []  # (prediction, labels) of batches not computed yet: training, validation
+        # (prediction, labels) of batches not computed yet: training, validation
+        self._tbuf, self._vbuf = [], []
 
     def reset(self):
         "Forget the history of all fits so far"
         self._init_state()
 
     def _predicting(self) -> bool:
-        "Inside `get_preds`, `validate`, `predict` or `Interpretation`: they hold `learn.lock` (or `gather_preds`)"
+        "In `get_preds`/`validate`/`predict`/`Interpretation`: `learn.lock` held, or `gather_preds`"
         lock = getattr(self.learn, 'lock', None)
         return hasattr(self.learn, 'gather_preds') or (lock is not None and lock.locked())
 
     def before_fit(self):
-        "Settings from the loss, and our columns into `learn.metrics`; off for `get_preds`, `validate`, `lr_find`"
+        "Loss settings; our columns into `learn.metrics`; off in `get_preds`, `validate`, `lr_find`"
         self.run = not (hasattr(self.learn, 'lr_finder') or self._predicting())
         self._values = {}  # our columns are `None` until computed on the data being validated
         if not self.run: return
         ml = self.multilabel
         self._multilabel = _is_multilabel(self.learn.loss_func) if ml is None else ml
         settings = _multilabel_settings if self._multilabel else _loss_settings
-        self._eps, self._prior, self._axis, self._ignore = settings(self.learn.loss_func, self.eps, self.prior)
+        loss_func = self.learn.loss_func
+        self._eps, self._prior, self._axis, self._ignore = settings(loss_func, self.eps, self.prior)
         self._cache, self._new_fit = None, True
         self._now.update(yb=(), fresh=False, buffered=0)
         self._tbuf.clear(); self._vbuf.clear()
         columns = [_EpochValue(self, n) for n in _recorded]
-        self.learn.metrics = [m for m in self.learn.metrics if not isinstance(m, _EpochValue)] + columns
+        others = [m for m in self.learn.metrics if not isinstance(m, _EpochValue)]
+        self.learn.metrics = others + columns
 
     def _start(self):
         "At a fit's first batch, number it: the history keeps every fit's (`fine_tune`'s two, say)"
@@ -244,22 +280,25 @@ class EntropyLogger(Callback):
         self._values, self._valid = {}, not self._predicting()
         if self._valid: self._start(); self._vsum = self._vbins = None; self._vbuf.clear()
 
-    # per batch, state goes in the dict `_now`: setting a `Callback`'s attribute looks it up in the `Learner`
-    def before_batch(self): self._now['yb'] = self.learn.yb  # the labels, before MixUp/CutMix mix them
-    def after_pred(self): self._now['fresh'] = True  # this batch has a prediction (a cancelled one has none)
+    # per batch, state goes in the dict `_now`:
+    # setting a `Callback`'s attribute looks it up in the `Learner`
+    def before_batch(self): self._now['yb'] = self.learn.yb  # the labels, before MixUp/CutMix
+    def after_pred(self): self._now['fresh'] = True  # has a prediction (a cancelled batch has none)
 
     def _consts(self, pred:Tensor) -> tuple:
         "The fit's constants for `pred`'s classes and device, computed once"
-        K = 2 if self._multilabel else pred.shape[self._axis]  # multi-label: per batch, in `_binary_view`
+        # multi-label: per batch, in `_binary_view`
+        K = 2 if self._multilabel else pred.shape[self._axis]
         if self._cache is None or self._cache[:2] != (K, pred.device):
             prior = None if self._multilabel else self._prior
             consts = _stat_consts(K, self._eps, prior, pred.device)
-            self._cache = (K, pred.device, consts, torch.linspace(0, 1, self.n_bins + 1, device=pred.device))
+            bounds = torch.linspace(0, 1, self.n_bins + 1, device=pred.device)
+            self._cache = (K, pred.device, consts, bounds)
             self._mean_args = (self._eps, K if self._prior == 'others' else 0)
         return self._cache[2:]
 
     def after_batch(self):
-        "Keep the batch's prediction (a copy) and labels until the phase ends, or they fill `_FLUSH_AT` values"
+        "Keep the prediction (a copy), labels till the phase ends or they fill `_FLUSH_AT` values"
         now, learn = self._now, self.learn
         fresh, now['fresh'] = now['fresh'], False
         if learn.training: i = now['iter']; now['iter'] = i + 1  # every training batch, of all fits
@@ -267,15 +306,17 @@ class EntropyLogger(Callback):
         if not (fresh and wanted and len(now['yb'])): return
         pred, y = learn.pred, now['yb'][0]
         if learn.training:
-            self._tbuf.append((pred.detach().clone(), y)); self._at.append((self._fit, i, learn.epoch))
+            self._tbuf.append((pred.detach().clone(), y))
+            self._at.append((self._fit, i, learn.epoch))
         else:
             n = _n_real(learn.dl, len(pred))
-            self._vbuf.append((pred[:n].detach().clone(), y[:n]) if n < len(pred) else (pred.detach().clone(), y))
+            p_real, y_real = (pred[:n], y[:n]) if n < len(pred) else (pred, y)
+            self._vbuf.append((p_real.detach().clone(), y_real))
         now['buffered'] += pred.numel()
         if now['buffered'] >= _FLUSH_AT: self._flush(); self._flush(valid=True)
 
     def _flush(self, valid:bool=False):
-        "Compute the buffered batches together: training ones into the history, validation ones into sums"
+        "Compute the buffered batches together: training into the history, validation into sums"
         buf = self._vbuf if valid else self._tbuf
         if not buf: return
         consts, bounds = self._consts(buf[0][0])
@@ -304,28 +345,31 @@ class EntropyLogger(Callback):
         # no samples: `None`, as fastai's metrics
         means = _means(tot[:6], *self._mean_args).tolist() if tot[5] > 0 else [None] * 6
         self._values = dict(zip(_logged, means), ece=_ece(self._bins))
-        self._vrows.append(dict(fit=self._fit, epoch=self.learn.epoch, iter=self._now['iter'], **self._values))
+        at = dict(fit=self._fit, epoch=self.learn.epoch, iter=self._now['iter'])
+        self._vrows.append(dict(at, **self._values))
 
     def after_fit(self):
-        "The rest of the history (a cancelled fit skips `after_train`), and our columns out of `learn.metrics`"
+        "Rest of the history (a cancelled fit skips `after_train`); our columns out of `metrics`"
         self._flush(); self._vbuf.clear()
         self.learn.metrics = [m for m in self.learn.metrics if not isinstance(m, _EpochValue)]
 
     def _epoch_value(self, name:str) -> float|None:
-        "The epoch's value of `name` for the `Recorder`: validation, or training (`Recorder(train_metrics=True)`)"
+        "The epoch's `name` for the `Recorder`: validation, or training (`train_metrics=True`)"
         if not self.training: return self._values.get(name)
         if name == 'ece' or not self._rows: return None
         this_epoch = torch.tensor([(f, e) == (self._fit, self.learn.epoch) for f, _, e in self._at])
         rows = torch.cat(self._rows).cpu()[this_epoch]
-        return _means(rows.sum(0), *self._mean_args)[_logged.index(name)].item() if len(rows) else None
+        if not len(rows): return None
+        return _means(rows.sum(0), *self._mean_args)[_logged.index(name)].item()
 
     @property
     def history(self) -> pd.DataFrame:
-        "The logged training batches of every fit: `fit`, `iter`, `epoch` and the batch means of `_logged`"
+        "The logged training batches of all fits: `fit`, `iter`, `epoch`, batch means of `_logged`"
         self._flush()  # batches not computed yet (when read during an epoch)
         empty = torch.zeros(0, 6, dtype=torch.float64)
         means = torch.cat(self._row_means).cpu() if self._row_means else empty
-        at = dict(zip(['fit', 'iter', 'epoch'], zip(*self._at))) if self._at else dict(fit=[], iter=[], epoch=[])
+        names = ['fit', 'iter', 'epoch']
+        at = dict(zip(names, zip(*self._at))) if self._at else dict(fit=[], iter=[], epoch=[])
         return pd.DataFrame(dict(at, **dict(zip(_logged, means.T.numpy())))).astype(
             {'fit': int, 'iter': int, 'epoch': int})
 
@@ -336,28 +380,35 @@ class EntropyLogger(Callback):
 
     @property
     def reliability(self) -> pd.DataFrame:
-        "The last validation epoch's confidence bins: bounds, count, mean confidence, accuracy (last: 1.0)"
+        "Last validation's confidence bins: bounds, count, mean confidence, accuracy (last: 1.0)"
         lo = torch.linspace(0, 1, self.n_bins + 1)
-        b = self._bins if self._bins is not None else torch.zeros(self.n_bins + 1, 3, dtype=torch.float64)
-        return pd.DataFrame(dict(lo=lo.numpy(), hi=torch.cat([lo[1:], lo[-1:]]).numpy(), count=b[:, 0].long().numpy(),
-                                 confidence=(b[:, 1] / b[:, 0]).numpy(), accuracy=(b[:, 2] / b[:, 0]).numpy()))
+        empty = torch.zeros(self.n_bins + 1, 3, dtype=torch.float64)
+        b = self._bins if self._bins is not None else empty
+        hi = torch.cat([lo[1:], lo[-1:]])
+        return pd.DataFrame(dict(lo=lo.numpy(), hi=hi.numpy(), count=b[:, 0].long().numpy(),
+                                 confidence=(b[:, 1] / b[:, 0]).numpy(),
+                                 accuracy=(b[:, 2] / b[:, 0]).numpy()))
 
 # %% ../nbs/01_callbacks.ipynb #c1b08fca
 @patch
 def plot(self:EntropyLogger,
     ax=None, # matplotlib axes to draw on; a new figure when `None`
-    beta:float=0.9, # smoothing of the batch values (exponential moving average; 0 draws them as they are)
+    beta:float=0.9, # smoothing of the batch values (exponential moving average; 0: as they are)
 ):
-    "Training curves of `smooth_ce`, `nll` and `entropy` against the floor H(q'), with the validation epochs; returns the figure"
+    "Training curves: `smooth_ce`, `nll`, `entropy` vs the floor H(q'), validation epochs; a figure"
     h, v = self.history, self.valid_history
-    if not len(h): raise ValueError("no history to plot: fit the `Learner` with the `EntropyLogger` first")
+    if not len(h):
+        raise ValueError("no history to plot: fit the `Learner` with the `EntropyLogger` first")
     if ax is None: _, ax = plt.subplots(figsize=(7, 4))
     sm = h[list(_logged)].ewm(alpha=1 - beta).mean() if beta else h[list(_logged)]
-    for col, label, c in (('smooth_ce', "$H(q', p)$ smoothed CE", 'C0'), ('nll', r'$-\log p_y$ NLL', 'C1'), ('entropy', '$H(p)$ entropy', 'C2')):
+    curves = (('smooth_ce', "$H(q', p)$ smoothed CE", 'C0'), ('nll', r'$-\log p_y$ NLL', 'C1'),
+              ('entropy', '$H(p)$ entropy', 'C2'))
+    for col, label, c in curves:
         ax.plot(h['iter'], sm[col], color=c, label=label)
         if len(v): ax.plot(v['iter'], v[col], 'o', color=c, ms=4)
     ax.plot(h['iter'], sm['target_entropy'], '--', color='k', lw=1, label="$H(q')$ floor")
-    ax.set(xlabel='training batch', ylabel='nats', title=f"entropy against the smoothed target ($\\varepsilon$={self._eps:g})")
+    title = f"entropy against the smoothed target ($\\varepsilon$={self._eps:g})"
+    ax.set(xlabel='training batch', ylabel='nats', title=title)
     ax.legend(fontsize='small')
     return ax.figure
 
@@ -367,18 +418,26 @@ def plot_reliability(self:EntropyLogger,
     ax=None, # matplotlib axes to draw on; a new figure when `None`
 ):
     "Reliability diagram of the last validation epoch, with its ECE; returns the figure"
-    if self._bins is None or not self._bins[:, 0].sum(): raise ValueError("no validation epoch to plot: fit the `Learner` with the `EntropyLogger` first")
+    if self._bins is None or not self._bins[:, 0].sum():
+        raise ValueError("no validation epoch to plot: "
+                         "fit the `Learner` with the `EntropyLogger` first")
     b = self._bins[:-1].clone()
     b[-1] += self._bins[-1]  # confidence 1.0 into the last bar
     b = b.numpy()
     n, has, w = b[:, 0], b[:, 0] > 0, 1 / self.n_bins
-    mid, conf, acc = (torch.arange(self.n_bins).numpy() + 0.5) * w, b[has, 1] / n[has], b[has, 2] / n[has]
+    mid = (torch.arange(self.n_bins).numpy() + 0.5) * w
+    conf, acc = b[has, 1] / n[has], b[has, 2] / n[has]
     if ax is None: _, ax = plt.subplots(figsize=(4.5, 4.5))
     ax.bar(mid[has], acc, width=w, edgecolor='white', color='C0', alpha=.8, label='accuracy')
-    ax.bar(mid[has], conf - acc, bottom=acc, width=w, fill=False, edgecolor='C3', lw=0, hatch='///', label='gap')
+    ax.bar(mid[has], conf - acc, bottom=acc, width=w, fill=False, edgecolor='C3', lw=0, hatch='///',
+           label='gap')
     ax.hlines(conf, mid[has] - w / 2, mid[has] + w / 2, color='C3', lw=2, label='mean confidence')
-    ax.stairs(n / n.sum(), torch.linspace(0, 1, self.n_bins + 1).numpy(), color='grey', lw=1.5, label='share of samples')
+    edges = torch.linspace(0, 1, self.n_bins + 1).numpy()
+    ax.stairs(n / n.sum(), edges, color='grey', lw=1.5, label='share of samples')
     ax.plot([0, 1], [0, 1], '--', color='k', lw=1)
-    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel='p (positive)' if self._multilabel else 'confidence', ylabel='share positive' if self._multilabel else 'accuracy', title=f"reliability, ECE = {_ece(self._bins):.4f}")
+    ml = self._multilabel
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel='p (positive)' if ml else 'confidence',
+           ylabel='share positive' if ml else 'accuracy',
+           title=f"reliability, ECE = {_ece(self._bins):.4f}")
     ax.legend(loc='upper left', fontsize='small', framealpha=0.9)
     return ax.figure

@@ -425,7 +425,7 @@ def _fused_only(x, target, **kwargs):
     finally: _DENSE_BELOW = old
 
 def _compare_with_reference(x, target, atol=1e-5, **kwargs):
-    "Loss and input gradient of the fused path, the function as called and the reference: asserted close"
+    "Loss and input gradient of the fused path, function as called and reference: asserted close"
     fs = (_fused_only, label_smoothing_cross_entropy, reference_label_smoothing_cross_entropy)
     xs = [x.detach().clone().requires_grad_() for _ in fs]
     outs = [f(xi, target, **kwargs) for f, xi in zip(fs, xs)]
@@ -437,7 +437,7 @@ def _compare_with_reference(x, target, atol=1e-5, **kwargs):
 
 # %% ../nbs/00_losses.ipynb #019c7b9b
 class LabelSmoothingCrossEntropy(nn.Module):
-    "fastai's `LabelSmoothingCrossEntropy`, fused and exact, with priors, soft targets, `ignore_index`"
+    "fastai's `LabelSmoothingCrossEntropy`, fused, exact, with priors, soft targets, `ignore_index`"
     y_int = True # targets are class indices: MixUp/CutMix mix the losses, not the targets
     def __init__(self,
         eps:float=0.1, # share of probability moved to the prior
