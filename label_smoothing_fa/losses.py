@@ -302,7 +302,8 @@ def _index_targets(input:Tensor, target:Tensor, axis:int, ignore_index:int, chec
         raise ValueError(f"`target` has the input's shape {tuple(input.shape)} but dtype "
                          f"{target.dtype}: soft targets are floats, class indices have "
                          f"shape {tuple(rows)}")
-    if target.ndim == 1 and target.numel() == rows.numel(): target = target.view(rows)  # fastai's
+    if target.shape != rows and target.ndim == 1 and target.numel() == rows.numel():
+        target = target.view(rows)  # fastai's flattened targets
     if target.shape != rows:
         raise ValueError(f"`target` must be class indices of shape {tuple(rows)} or soft targets "
                          f"of shape {tuple(input.shape)} (class axis {axis}), "
@@ -367,14 +368,17 @@ def _row_coefficients(idx, soft, tsum, keep, weight, prior, eps, K, axis, reduct
 _DENSE_BELOW = 1 << 16  # inputs with fewer logits take the dense path
 
 def _dense_label_smoothing(x, idx, soft, cT, cv, A, v, axis, reduction):
-    "The fused function's loss, `-cT <T, log p> - cv <v, log p>`, in autograd steps"
-    if isinstance(A, Tensor) and A.ndim:  # rows without target weight: logits unused
-        x = x.masked_fill((A == 0).unsqueeze(axis), 0)
+    "The fused function's loss as `-<B, log_softmax(x)>`, the target weights `B = cT T + cv v` in full"
+    along = lambda c: c.unsqueeze(axis) if isinstance(c, Tensor) and c.ndim else c  # a number per row
+    if isinstance(A, Tensor) and A.ndim: x = x.masked_fill(along(A) == 0, 0)  # weightless rows: logits unused
     lp = torch.log_softmax(_f32(x), axis)
-    if idx is not None: lp_t = lp.gather(axis, idx.unsqueeze(axis)).squeeze(axis)
-    else: lp_t = _weighted_sum(lp, soft, axis)
-    loss = -_times(cT, lp_t) - _times(cv, _weighted_sum(lp, v, axis))
-    return loss if reduction == 'none' else loss.sum()
+    if soft is not None: negB = soft * -along(cT)
+    else: negB = torch.zeros_like(lp).scatter_(axis, idx.unsqueeze(axis), -along(cT))
+    negB.sub_(along(cv) * (1 / x.shape[axis] if v is None else _class_vec(v, lp, axis)))  # -B: no sign step
+    terms = torch.where(negB == 0, 0., lp * negB)  # a class without target weight adds 0, whatever its logit
+    # summed in float64: the small smoothing terms are not rounded away against the target's
+    loss = terms.sum(axis, dtype=torch.float64) if reduction == 'none' else terms.sum(dtype=torch.float64)
+    return loss.to(lp.dtype)
 
 # %% ../nbs/00_losses.ipynb #d724dd9e
 def label_smoothing_cross_entropy(
