@@ -368,16 +368,19 @@ def _row_coefficients(idx, soft, tsum, keep, weight, prior, eps, K, axis, reduct
 _DENSE_BELOW = 1 << 16  # inputs with fewer logits take the dense path
 
 def _dense_label_smoothing(x, idx, soft, cT, cv, A, v, axis, reduction):
-    "The fused function's loss as `-<B, log_softmax(x)>`, the target weights `B = cT T + cv v` in full"
-    along = lambda c: c.unsqueeze(axis) if isinstance(c, Tensor) and c.ndim else c  # a number per row
-    if isinstance(A, Tensor) and A.ndim: x = x.masked_fill(along(A) == 0, 0)  # weightless rows: logits unused
+    "The fused function's loss as `-<B, log_softmax(x)>`, the target weights `B = cT T + cv v` built"
+    along = lambda c: c.unsqueeze(axis) if isinstance(c, Tensor) and c.ndim else c  # one per row
+    if isinstance(A, Tensor) and A.ndim:  # rows without target weight: their logits play no part
+        x = x.masked_fill(along(A) == 0, 0)
     lp = torch.log_softmax(_f32(x), axis)
     if soft is not None: negB = soft * -along(cT)
     else: negB = torch.zeros_like(lp).scatter_(axis, idx.unsqueeze(axis), -along(cT))
-    negB.sub_(along(cv) * (1 / x.shape[axis] if v is None else _class_vec(v, lp, axis)))  # -B: no sign step
-    terms = torch.where(negB == 0, 0., lp * negB)  # a class without target weight adds 0, whatever its logit
+    prior_part = along(cv) * (1 / x.shape[axis] if v is None else _class_vec(v, lp, axis))
+    negB.sub_(prior_part)  # -B: no autograd step for the sign
+    terms = torch.where(negB == 0, 0., lp * negB)  # a class without target weight adds 0, always
     # summed in float64: the small smoothing terms are not rounded away against the target's
-    loss = terms.sum(axis, dtype=torch.float64) if reduction == 'none' else terms.sum(dtype=torch.float64)
+    if reduction == 'none': loss = terms.sum(axis, dtype=torch.float64)
+    else: loss = terms.sum(dtype=torch.float64)
     return loss.to(lp.dtype)
 
 # %% ../nbs/00_losses.ipynb #d724dd9e
