@@ -368,7 +368,7 @@ def _row_coefficients(idx, soft, tsum, keep, weight, prior, eps, K, axis, reduct
 _DENSE_BELOW = 1 << 16  # inputs with fewer logits take the dense path
 
 def _dense_label_smoothing(x, idx, soft, cT, cv, A, v, axis, reduction):
-    "The fused function's loss as `-<B, log_softmax(x)>`, the target weights `B = cT T + cv v` built"
+    "The fused function's loss as `-<B, log_softmax(x)>`, with `B = cT T + cv v` in full"
     along = lambda c: c.unsqueeze(axis) if isinstance(c, Tensor) and c.ndim else c  # one per row
     if isinstance(A, Tensor) and A.ndim:  # rows without target weight: their logits play no part
         x = x.masked_fill(along(A) == 0, 0)
