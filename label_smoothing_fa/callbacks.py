@@ -211,8 +211,9 @@ class _EpochValue(Metric):
 class EntropyLogger(Callback):
     "Log the smoothed target's cross-entropy with predictions, its floor, entropy, confidence, ECE"
     order, remove_on_fetch = -5, True  # before `MixUp` (unmixed labels), `Recorder` (our columns)
-    _stateattrs = ('_rows', '_row_means', '_at', '_vrows', '_bins', '_vsum', '_vbins', '_now',
-                   '_cache', '_values', '_tbuf', '_vbuf', '_fit')
+    _stateattrs = ('_train_sums', '_train_means', '_train_ids', '_valid_records',
+                   '_reliability_bins', '_valid_sums', '_valid_bins', '_batch_state', '_constants',
+                   '_valid_values', '_train_pending', '_valid_pending', '_fit_number')
     def __init__(self,
         eps:float|None=None, # smoothing of q'; `None`: the loss's (`eps`/`label_smoothing`) or 0.1
         prior:str|Tensor|None=None, # `None`: the loss's or uniform; 'others'; or K probabilities
@@ -232,15 +233,20 @@ class EntropyLogger(Callback):
 
     def _init_state(self):
         "Empty history and buffers: when created, reset, and unpickled (they are not pickled)"
-        self._rows, self._row_means, self._at, self._vrows, self._bins = [], [], [], [], None
-        self._cache, self._values, self._fit = None, {}, -1
-        self._valid, self._vsum, self._vbins, self._new_fit = False, None, None, False
+        # the history: per logged training batch its sums, means and (fit, iter, epoch);
+        # per validation epoch a dict of its values
+        self._train_sums, self._train_means, self._train_ids, self._valid_records = [], [], [], []
+        # the last validation's bins over all processes; this epoch's sums and bins in this one
+        self._reliability_bins, self._valid_sums, self._valid_bins = None, None, None
+        # (K, device, consts, bounds) as `_consts` computed them; the Recorder's validation values
+        self._constants, self._valid_values, self._fit_number = None, {}, -1
+        self._validating, self._new_fit = False, False
         self._mean_args = (0.1, 0)
         self._multilabel = False
-        # the batch's labels, has it a prediction, the training batches of all fits, values buffered
-        self._now = dict(yb=(), fresh=False, iter=0, buffered=0)
+        # the batch's labels, has it a prediction, the training batches of all fits, values pending
+        self._batch_state = dict(labels=(), predicted=False, train_iter=0, pending_values=0)
         # (prediction, labels) of batches not computed yet: training, validation
-        self._tbuf, self._vbuf = [], []
+        self._train_pending, self._valid_pending = [], []
 
     def reset(self):
         "Forget the history of all fits so far"
@@ -254,111 +260,119 @@ class EntropyLogger(Callback):
     def before_fit(self):
         "Loss settings; our columns into `learn.metrics`; off in `get_preds`, `validate`, `lr_find`"
         self.run = not (hasattr(self.learn, 'lr_finder') or self._predicting())
-        self._values = {}  # our columns are `None` until computed on the data being validated
+        self._valid_values = {}  # our columns are `None` until computed on the data being validated
         if not self.run: return
         ml = self.multilabel
         self._multilabel = _is_multilabel(self.learn.loss_func) if ml is None else ml
         settings = _multilabel_settings if self._multilabel else _loss_settings
         loss_func = self.learn.loss_func
         self._eps, self._prior, self._axis, self._ignore = settings(loss_func, self.eps, self.prior)
-        self._cache, self._new_fit = None, True
-        self._now.update(yb=(), fresh=False, buffered=0)
-        self._tbuf.clear(); self._vbuf.clear()
+        self._constants, self._new_fit = None, True
+        self._batch_state.update(labels=(), predicted=False, pending_values=0)
+        self._train_pending.clear(); self._valid_pending.clear()
         columns = [_EpochValue(self, n) for n in _recorded]
         others = [m for m in self.learn.metrics if not isinstance(m, _EpochValue)]
         self.learn.metrics = others + columns
 
     def _start(self):
         "At a fit's first batch, number it: the history keeps every fit's (`fine_tune`'s two, say)"
-        if self._new_fit: self._fit, self._new_fit = self._fit + 1, False
+        if self._new_fit: self._fit_number, self._new_fit = self._fit_number + 1, False
 
     def before_train(self): self._start()
     def after_train(self): self._flush()
 
     def before_validate(self):
         "Empty the epoch's sums (not for a `get_preds` called inside `fit`)"
-        self._values, self._valid = {}, not self._predicting()
-        if self._valid: self._start(); self._vsum = self._vbins = None; self._vbuf.clear()
+        self._valid_values, self._validating = {}, not self._predicting()
+        if not self._validating: return
+        self._start()
+        self._valid_sums = self._valid_bins = None; self._valid_pending.clear()
 
-    # per batch, state goes in the dict `_now`:
+    # per batch, state goes in the dict `_batch_state`:
     # setting a `Callback`'s attribute looks it up in the `Learner`
-    def before_batch(self): self._now['yb'] = self.learn.yb  # the labels, before MixUp/CutMix
-    def after_pred(self): self._now['fresh'] = True  # has a prediction (a cancelled batch has none)
+    def before_batch(self):
+        self._batch_state['labels'] = self.learn.yb  # the labels, before MixUp/CutMix
+    def after_pred(self):
+        self._batch_state['predicted'] = True  # has a prediction (a cancelled batch has none)
 
     def _consts(self, pred:Tensor) -> tuple:
         "The fit's constants for `pred`'s classes and device, computed once"
         # multi-label: per batch, in `_binary_view`
         K = 2 if self._multilabel else pred.shape[self._axis]
-        if self._cache is None or self._cache[:2] != (K, pred.device):
+        if self._constants is None or self._constants[:2] != (K, pred.device):
             prior = None if self._multilabel else self._prior
             consts = _stat_consts(K, self._eps, prior, pred.device)
             bounds = torch.linspace(0, 1, self.n_bins + 1, device=pred.device)
-            self._cache = (K, pred.device, consts, bounds)
+            self._constants = (K, pred.device, consts, bounds)
             self._mean_args = (self._eps, K if self._prior == 'others' else 0)
-        return self._cache[2:]
+        return self._constants[2:]
 
     def after_batch(self):
         "Keep the prediction (a copy), labels till the phase ends or they fill `_FLUSH_AT` values"
-        now, learn = self._now, self.learn
-        fresh, now['fresh'] = now['fresh'], False
-        if learn.training: i = now['iter']; now['iter'] = i + 1  # every training batch, of all fits
-        wanted = i % self.every == 0 if learn.training else self._valid
-        if not (fresh and wanted and len(now['yb'])): return
-        pred, y = learn.pred, now['yb'][0]
+        state, learn = self._batch_state, self.learn
+        predicted, state['predicted'] = state['predicted'], False
+        # `train_iter` counts every training batch, of all fits
+        if learn.training: i = state['train_iter']; state['train_iter'] = i + 1
+        wanted = i % self.every == 0 if learn.training else self._validating
+        if not (predicted and wanted and len(state['labels'])): return
+        pred, y = learn.pred, state['labels'][0]
         if learn.training:
-            self._tbuf.append((pred.detach().clone(), y))
-            self._at.append((self._fit, i, learn.epoch))
+            self._train_pending.append((pred.detach().clone(), y))
+            self._train_ids.append((self._fit_number, i, learn.epoch))
         else:
             n = _n_real(learn.dl, len(pred))
             p_real, y_real = (pred[:n], y[:n]) if n < len(pred) else (pred, y)
-            self._vbuf.append((p_real.detach().clone(), y_real))
-        now['buffered'] += pred.numel()
-        if now['buffered'] >= _FLUSH_AT: self._flush(); self._flush(valid=True)
+            self._valid_pending.append((p_real.detach().clone(), y_real))
+        state['pending_values'] += pred.numel()
+        if state['pending_values'] >= _FLUSH_AT: self._flush(); self._flush(valid=True)
 
     def _flush(self, valid:bool=False):
         "Compute the buffered batches together: training into the history, validation into sums"
-        buf = self._vbuf if valid else self._tbuf
-        if not buf: return
-        consts, bounds = self._consts(buf[0][0])
+        pending = self._valid_pending if valid else self._train_pending
+        if not pending: return
+        consts, bounds = self._consts(pending[0][0])
         axis, ml, ign = self._axis, self._multilabel, self._ignore
-        for pred, y, items in _concat(buf):
+        for pred, y, items in _concat(pending):
             if ml: pred, y, consts = _binary_view(pred, y, self._eps, self._prior, ign); axis = -1
             if not valid:
                 sums = _batch_stats(pred, y, consts, axis, ign, items=items, binary=ml)
-                self._rows.append(sums); self._row_means.append(_means(sums, *self._mean_args))
+                self._train_sums.append(sums)
+                self._train_means.append(_means(sums, *self._mean_args))
                 continue
             sums, bins = _batch_stats(pred, y, consts, axis, ign, bounds, items, binary=ml)
-            if self._vsum is None: self._vsum, self._vbins = sums.sum(0), bins
-            else: self._vsum.add_(sums.sum(0)); self._vbins.add_(bins)
-        buf.clear(); self._now['buffered'] = 0
+            if self._valid_sums is None: self._valid_sums, self._valid_bins = sums.sum(0), bins
+            else: self._valid_sums.add_(sums.sum(0)); self._valid_bins.add_(bins)
+        pending.clear(); self._batch_state['pending_values'] = 0
 
     def after_validate(self):
         "The epoch's values from the totals over all batches and processes"
-        if not self._valid: return
+        if not self._validating: return
         self._flush(valid=True)
-        if self._vsum is None:
+        if self._valid_sums is None:
             dev = next(iter(self.learn.model.parameters()), torch.empty(0)).device
-            self._vsum = torch.zeros(6, dtype=torch.float64, device=dev)
-            self._vbins = torch.zeros(self.n_bins + 1, 3, dtype=torch.float64, device=dev)
-        tot = _all_reduce(torch.cat([self._vsum, self._vbins.flatten()])).cpu()
-        self._bins = tot[6:].view(-1, 3)
+            self._valid_sums = torch.zeros(6, dtype=torch.float64, device=dev)
+            self._valid_bins = torch.zeros(self.n_bins + 1, 3, dtype=torch.float64, device=dev)
+        tot = _all_reduce(torch.cat([self._valid_sums, self._valid_bins.flatten()])).cpu()
+        self._reliability_bins = tot[6:].view(-1, 3)
         # no samples: `None`, as fastai's metrics
         means = _means(tot[:6], *self._mean_args).tolist() if tot[5] > 0 else [None] * 6
-        self._values = dict(zip(_logged, means), ece=_ece(self._bins))
-        at = dict(fit=self._fit, epoch=self.learn.epoch, iter=self._now['iter'])
-        self._vrows.append(dict(at, **self._values))
+        self._valid_values = dict(zip(_logged, means), ece=_ece(self._reliability_bins))
+        train_iter = self._batch_state['train_iter']
+        at = dict(fit=self._fit_number, epoch=self.learn.epoch, iter=train_iter)
+        self._valid_records.append(dict(at, **self._valid_values))
 
     def after_fit(self):
         "Rest of the history (a cancelled fit skips `after_train`); our columns out of `metrics`"
-        self._flush(); self._vbuf.clear()
+        self._flush(); self._valid_pending.clear()
         self.learn.metrics = [m for m in self.learn.metrics if not isinstance(m, _EpochValue)]
 
     def _epoch_value(self, name:str) -> float|None:
         "The epoch's `name` for the `Recorder`: validation, or training (`train_metrics=True`)"
-        if not self.training: return self._values.get(name)
-        if name == 'ece' or not self._rows: return None
-        this_epoch = torch.tensor([(f, e) == (self._fit, self.learn.epoch) for f, _, e in self._at])
-        rows = torch.cat(self._rows).cpu()[this_epoch]
+        if not self.training: return self._valid_values.get(name)
+        if name == 'ece' or not self._train_sums: return None
+        now = (self._fit_number, self.learn.epoch)
+        this_epoch = torch.tensor([(f, e) == now for f, _, e in self._train_ids])
+        rows = torch.cat(self._train_sums).cpu()[this_epoch]
         if not len(rows): return None
         return _means(rows.sum(0), *self._mean_args)[_logged.index(name)].item()
 
@@ -367,23 +381,24 @@ class EntropyLogger(Callback):
         "The logged training batches of all fits: `fit`, `iter`, `epoch`, batch means of `_logged`"
         self._flush()  # batches not computed yet (when read during an epoch)
         empty = torch.zeros(0, 6, dtype=torch.float64)
-        means = torch.cat(self._row_means).cpu() if self._row_means else empty
+        means = torch.cat(self._train_means).cpu() if self._train_means else empty
         names = ['fit', 'iter', 'epoch']
-        at = dict(zip(names, zip(*self._at))) if self._at else dict(fit=[], iter=[], epoch=[])
+        ids = self._train_ids
+        at = dict(zip(names, zip(*ids))) if ids else dict(fit=[], iter=[], epoch=[])
         return pd.DataFrame(dict(at, **dict(zip(_logged, means.T.numpy())))).astype(
             {'fit': int, 'iter': int, 'epoch': int})
 
     @property
     def valid_history(self) -> pd.DataFrame:
         "The validation epochs of every fit: the means over all samples of `_logged`, and the ECE"
-        return pd.DataFrame(self._vrows, columns=['fit', 'epoch', 'iter', *_logged, 'ece'])
+        return pd.DataFrame(self._valid_records, columns=['fit', 'epoch', 'iter', *_logged, 'ece'])
 
     @property
     def reliability(self) -> pd.DataFrame:
         "Last validation's confidence bins: bounds, count, mean confidence, accuracy (last: 1.0)"
         lo = torch.linspace(0, 1, self.n_bins + 1)
         empty = torch.zeros(self.n_bins + 1, 3, dtype=torch.float64)
-        b = self._bins if self._bins is not None else empty
+        b = self._reliability_bins if self._reliability_bins is not None else empty
         hi = torch.cat([lo[1:], lo[-1:]])
         return pd.DataFrame(dict(lo=lo.numpy(), hi=hi.numpy(), count=b[:, 0].long().numpy(),
                                  confidence=(b[:, 1] / b[:, 0]).numpy(),
@@ -418,11 +433,11 @@ def plot_reliability(self:EntropyLogger,
     ax=None, # matplotlib axes to draw on; a new figure when `None`
 ):
     "Reliability diagram of the last validation epoch, with its ECE; returns the figure"
-    if self._bins is None or not self._bins[:, 0].sum():
+    if self._reliability_bins is None or not self._reliability_bins[:, 0].sum():
         raise ValueError("no validation epoch to plot: "
                          "fit the `Learner` with the `EntropyLogger` first")
-    b = self._bins[:-1].clone()
-    b[-1] += self._bins[-1]  # confidence 1.0 into the last bar
+    b = self._reliability_bins[:-1].clone()
+    b[-1] += self._reliability_bins[-1]  # confidence 1.0 into the last bar
     b = b.numpy()
     n, has, w = b[:, 0], b[:, 0] > 0, 1 / self.n_bins
     mid = (torch.arange(self.n_bins).numpy() + 0.5) * w
@@ -438,6 +453,6 @@ def plot_reliability(self:EntropyLogger,
     ml = self._multilabel
     ax.set(xlim=(0, 1), ylim=(0, 1), xlabel='p (positive)' if ml else 'confidence',
            ylabel='share positive' if ml else 'accuracy',
-           title=f"reliability, ECE = {_ece(self._bins):.4f}")
+           title=f"reliability, ECE = {_ece(self._reliability_bins):.4f}")
     ax.legend(loc='upper left', fontsize='small', framealpha=0.9)
     return ax.figure
