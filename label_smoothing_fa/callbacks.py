@@ -15,7 +15,7 @@ from .losses import LabelSmoothingCrossEntropy, _check_eps, _check_prior, _f32
 from .multilabel import LabelSmoothingBCEWithLogits, _per_label
 
 # %% auto #0
-__all__ = ['EntropyLogger']
+__all__ = ['adaptive_ece', 'classwise_ece', 'aurc', 'fit_temperature', 'EntropyLogger']
 
 # %% ../nbs/01_callbacks.ipynb #5821a0c7
 # BaseLoss; torch.compile: module, function
@@ -79,6 +79,7 @@ def _target_entropy(n_classes:int, eps:float, prior=None) -> Tensor:
 # the history's quantities
 _logged = ('smooth_ce', 'target_entropy', 'kl', 'entropy', 'confidence', 'nll')
 _recorded = ('smooth_ce', 'kl', 'entropy', 'confidence', 'ece')  # the Recorder's columns
+_calibration = ('ace', 'cw_ece', 'temperature', 'aurc')  # and with `calibration=True`
 # buffered prediction values (16 MB in float32) at which the callback computes its batches
 _FLUSH_AT = 1 << 22
 
@@ -94,15 +95,22 @@ def _labels(y:Tensor, pred:Tensor, axis:int) -> Tensor:
     if y.dtype.is_floating_point and y.shape == pred.shape: y = y.argmax(axis)
     return y.reshape(-1).long()
 
-def _calibration_bins(conf:Tensor, correct:Tensor, bounds:Tensor,
-                      kept:Tensor|None=None) -> Tensor:
-    "(count, sum of confidence, sum of accuracy) of the `kept` rows per bin of `bounds`"
+def _check_positions(n_target:int, n_pred:int, pred:Tensor, axis:int):
+    "Refuse a target whose positions do not match the prediction's"
+    if n_target != n_pred:
+        raise ValueError(f"the target has {n_target} positions, the prediction {n_pred} "
+                         f"(shape {tuple(pred.shape)}, class axis {axis})")
+
+def _calibration_bins(conf:Tensor, correct:Tensor, bounds:Tensor, kept:Tensor|None=None,
+                      group:Tensor|None=None, n_groups:int=1) -> Tensor:
+    "(count, sum of confidence, sum of accuracy) of the `kept` rows per bin of `bounds` (per group)"
     # torchmetrics' bins: [lo, hi), and a confidence of 1.0 on its own
     kept = torch.ones_like(conf) if kept is None else kept
     # NaN predictions: in no bin
     kept, conf = kept.masked_fill(conf.isnan(), 0), conf.nan_to_num(0.)
     idx = torch.bucketize(conf, bounds, right=True) - 1
-    bins = torch.zeros(len(bounds), 3, dtype=torch.float64, device=conf.device)
+    if group is not None: idx += group * len(bounds)  # group g's bins from g * len(bounds) on
+    bins = torch.zeros(n_groups * len(bounds), 3, dtype=torch.float64, device=conf.device)
     return bins.index_add_(0, idx, torch.stack([kept, conf * kept, correct * kept], 1).double())
 
 def _batch_stats(
@@ -124,9 +132,7 @@ def _batch_stats(
         lp = lp.movedim(axis, -1).reshape(-1, K)
         if bounds is not None: p = p.movedim(axis, -1).reshape(-1, K)
     y = _labels(y, pred, axis)
-    if len(y) != len(lp):
-        raise ValueError(f"the target has {len(y)} positions, the prediction {len(lp)} "
-                         f"(shape {tuple(pred.shape)}, class axis {axis})")
+    _check_positions(len(y), len(lp), pred, axis)
     ign = y == ignore_index
     yi = y.masked_fill(ign, 0)
     if bounds is None: p, conf = lp.exp(), lp.amax(1).exp_()
@@ -184,6 +190,186 @@ def _binary_view(pred:Tensor, y:Tensor, eps:float, prior=None, ignore_index:int=
     v = None if prior is None else torch.stack([1 - u, u], -1).reshape(-1, 2)
     return torch.stack([torch.zeros_like(x), x], -1), lab, (v, floor)
 
+# %% ../nbs/01_callbacks.ipynb #1d5d70e5
+def _kept_rows(pred:Tensor, y:Tensor, axis:int, ignore_index:int) -> tuple:
+    "`(rows, labels)` of the kept positions: the scores with the classes last `(M, K)`, float32"
+    x = _f32(pred.detach().as_subclass(Tensor))
+    rows, labels = x.movedim(axis, -1).reshape(-1, x.shape[axis]), _labels(y, pred, axis)
+    _check_positions(len(labels), len(rows), pred, axis)
+    kept = labels != ignore_index
+    return rows[kept], labels[kept]
+
+def _label_columns(x:Tensor) -> Tensor:
+    "The label (index on axis 1) of each of `x`'s entries, in memory order"
+    if x.ndim < 2: return torch.zeros(x.numel(), dtype=torch.long, device=x.device)
+    labels = torch.arange(x.shape[1], device=x.device).view(1, -1, *[1] * (x.ndim - 2))
+    return labels.expand(x.shape).reshape(-1)
+
+def _label_rows(scores:Tensor, y:Tensor, ignore_index:int, logits:bool) -> tuple:
+    "Kept (item, label) entries as two-class rows, (0, x) or (1 - p, p); labels 0/1; label index"
+    s = _f32(scores.detach().as_subclass(Tensor))
+    y = y.as_subclass(Tensor)
+    if y.shape != s.shape:
+        raise ValueError(f"multi-label targets must have the scores' shape {tuple(s.shape)}, "
+                         f"got {tuple(y.shape)}")
+    s, y, kept = s.reshape(-1), y.reshape(-1), y.reshape(-1) != ignore_index
+    rows = torch.stack([torch.zeros_like(s), s] if logits else [1 - s, s], 1)
+    return rows[kept], (y > 0.5).long()[kept], _label_columns(scores)[kept]
+
+def _samples(scores:Tensor, targets:Tensor, axis:int=1, ignore_index:int=-100,
+             multilabel:bool=False, logits:bool=False) -> tuple:
+    "`(rows, labels, label index or None)` of the kept positions, as the public metrics take them"
+    if multilabel: return _label_rows(scores, targets, ignore_index, logits)
+    return *_kept_rows(scores, targets, axis, ignore_index), None
+
+def _probabilities(logit_rows:Tensor, multilabel:bool) -> Tensor:
+    "The rows' probabilities as `get_preds` gives them: softmax; multi-label (1 - p, p), p = σ(x)"
+    if not multilabel: return logit_rows.softmax(1)
+    p = logit_rows[:, 1].sigmoid()
+    return torch.stack([1 - p, p], 1)
+
+def _top_label(probs:Tensor, labels:Tensor) -> tuple:
+    "Each row's confidence (max p, float64) and whether its top class (the first on ties) is right"
+    conf, top = probs.max(1)
+    return conf.double(), (top == labels).double()
+
+
+# %% ../nbs/01_callbacks.ipynb #ced6d5a0
+def _check_positive_int(name:str, n) -> int:
+    "`n`, if it is a positive integer"
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"`{name}` must be a positive integer, got {n!r}")
+    return n
+
+_NAN = float('nan')
+
+def _adaptive_ece(conf:Tensor, correct:Tensor, n_bins:int) -> float|None:
+    "ACE: rows sorted by confidence (stable), `n_bins` bins of equal count as `np.array_split`"
+    n = len(conf)
+    if n == 0: return None
+    if conf.isnan().any(): return _NAN
+    conf, order = conf.sort(stable=True)
+    sizes = torch.full((n_bins,), n // n_bins, device=conf.device)
+    sizes[:n % n_bins] += 1  # the first bins get one more, as `np.array_split` gives them
+    bin_of = torch.arange(n_bins, device=conf.device).repeat_interleave(sizes)
+    gaps = conf.new_zeros(n_bins).index_add_(0, bin_of, correct[order] - conf)
+    return (gaps.abs().sum() / n).item()
+
+def adaptive_ece(
+    probs:Tensor, # probabilities as `get_preds` returns them, classes on `axis` (multi-label: p)
+    targets:Tensor, # class indices, or targets shaped like `probs` (argmax); multi-label: 0/1
+    n_bins:int=15, # bins of equal count
+    axis:int=1, # the class axis of `probs`
+    ignore_index:int=-100, # the target of positions left out
+    multilabel:bool=False, # each (item, label) entry is a two-class sample (1 - p, p)
+) -> float|None: # `None` without samples; NaN if a kept prediction is NaN
+    "Adaptive ECE: bins of equal count by confidence, |accuracy - confidence| weighted by size"
+    rows, labels, _ = _samples(probs, targets, axis, ignore_index, multilabel)
+    return _adaptive_ece(*_top_label(rows, labels), _check_positive_int('n_bins', n_bins))
+
+
+# %% ../nbs/01_callbacks.ipynb #d05e9766
+def _classwise_ece(probs:Tensor, labels:Tensor, n_bins:int, columns:Tensor|None=None):
+    "Mean over the classes of the equal-width ECE of p_k against [y = k]; multi-label: per label"
+    if len(labels) == 0: return None
+    if probs.isnan().any(): return _NAN
+    if columns is None:  # every row is a sample of every class
+        n_classes = probs.shape[1]
+        classes = torch.arange(n_classes, device=probs.device)
+        p, hit = probs.reshape(-1), (labels[:, None] == classes).reshape(-1)
+        group = classes.repeat(len(probs))
+    else:  # a row is one label's entry: p(positive) against the label
+        p, hit, group, n_classes = probs[:, 1], labels == 1, columns, int(columns.max()) + 1
+    bounds = torch.linspace(0, 1, n_bins + 1, device=p.device)
+    bins = _calibration_bins(p, hit.to(p.dtype), bounds, group=group, n_groups=n_classes)
+    bins = bins.view(n_classes, n_bins + 1, 3)
+    count, gap = bins[..., 0].sum(1), (bins[..., 2] - bins[..., 1]).abs().sum(1)
+    has = count > 0  # multi-label: a label whose entries are all ignored has none
+    return (gap[has] / count[has]).mean().item()
+
+def classwise_ece(
+    probs:Tensor, # probabilities as `get_preds` returns them, classes on `axis` (multi-label: p)
+    targets:Tensor, # class indices, or targets shaped like `probs` (argmax); multi-label: 0/1
+    n_bins:int=15, # equal-width bins of p_k
+    axis:int=1, # the class axis of `probs`
+    ignore_index:int=-100, # the target of positions left out
+    multilabel:bool=False, # per label: its p against its 0/1 target, over its kept entries
+) -> float|None: # `None` without samples; NaN if a kept prediction is NaN
+    "Classwise ECE: per class, equal-width bins of p_k against [y = k]; the mean over classes"
+    rows, labels, columns = _samples(probs, targets, axis, ignore_index, multilabel)
+    return _classwise_ece(rows, labels, _check_positive_int('n_bins', n_bins), columns)
+
+
+# %% ../nbs/01_callbacks.ipynb #eb06fc7a
+def _aurc(conf:Tensor, correct:Tensor) -> float|None:
+    "Area under the risk-coverage curve: mean over k of the error rate of the k most confident"
+    n = len(conf)
+    if n == 0: return None
+    if conf.isnan().any(): return _NAN
+    order = conf.argsort(descending=True, stable=True)  # ties: in the samples' order
+    errors = (1 - correct[order]).cumsum(0)
+    return (errors / torch.arange(1, n + 1, device=conf.device)).mean().item()
+
+def aurc(
+    probs:Tensor, # probabilities as `get_preds` returns them, classes on `axis` (multi-label: p)
+    targets:Tensor, # class indices, or targets shaped like `probs` (argmax); multi-label: 0/1
+    axis:int=1, # the class axis of `probs`
+    ignore_index:int=-100, # the target of positions left out
+    multilabel:bool=False, # each (item, label) entry is a two-class sample (1 - p, p)
+) -> float|None: # `None` without samples; NaN if a kept prediction is NaN
+    "Area under the risk-coverage curve: the mean error rate of the k most confident, k = 1..N"
+    rows, labels, _ = _samples(probs, targets, axis, ignore_index, multilabel)
+    return _aurc(*_top_label(rows, labels))
+
+
+# %% ../nbs/01_callbacks.ipynb #68e20af9
+def _nll_slope(z:Tensor, z_y:Tensor, beta:float) -> float:
+    "d/dβ of the mean NLL of softmax(β z): mean(E_p[z] - z_y); -inf logits (masked classes) add 0"
+    p = (beta * z).softmax(1)
+    return (torch.where(p > 0, p * z, 0.).sum(1) - z_y).mean().item()
+
+def _fit_temperature(logits:Tensor, labels:Tensor, rtol:float=1e-4) -> float|None:
+    "The T > 0 minimising the mean NLL of softmax(logits / T): bisection on the slope over log T"
+    if len(labels) == 0: return None
+    z = logits.double()
+    z_y = z.gather(1, labels[:, None]).squeeze(1)
+    # the NLL is NaN, or infinite at every T
+    if z.isnan().any() or (z == float('inf')).any() or (z_y == -float('inf')).any(): return _NAN
+    top, finite = z.amax(1), z > -float('inf')
+    if (z_y == top).all():  # every label has the largest logit: the NLL falls as T -> 0
+        constant = torch.where(finite, z, top[:, None]) == top[:, None]
+        return _NAN if constant.all() else 0.  # constant rows: the NLL does not depend on T
+    # as T -> inf (β -> 0) the slope tends to mean(mean z - z_y) over the finite logits
+    mean_z = torch.where(finite, z, 0.).sum(1) / finite.sum(1)
+    if (mean_z - z_y).mean() >= 0: return float('inf')  # the NLL falls as T grows
+    # the slope rises with β = 1/T (the NLL is convex in β) from < 0 to mean(max z - z_y) > 0
+    lo = hi = 1.
+    for _ in range(64):
+        if _nll_slope(z, z_y, lo) < 0: break
+        lo /= 2
+    else: return float('inf')  # T > 2**64
+    for _ in range(64):
+        if _nll_slope(z, z_y, hi) > 0: break
+        hi *= 2
+    else: return 0.  # T < 2**-64
+    while hi / lo > 1 + rtol:
+        mid = (lo * hi) ** 0.5
+        if _nll_slope(z, z_y, mid) < 0: lo = mid
+        else: hi = mid
+    return 1 / (lo * hi) ** 0.5
+
+def fit_temperature(
+    logits:Tensor, # logits (or log-probabilities), classes on `axis` (multi-label: per label)
+    targets:Tensor, # class indices, or targets shaped like `logits` (argmax); multi-label: 0/1
+    axis:int=1, # the class axis of `logits`
+    ignore_index:int=-100, # the target of positions left out
+    multilabel:bool=False, # each (item, label) entry: sigmoid(x / T)
+) -> float|None: # 0 or inf at the ends; NaN if undefined; `None` without samples
+    "The temperature T > 0 minimising the NLL of softmax(logits / T), to a relative 1e-4"
+    rows, labels, _ = _samples(logits, targets, axis, ignore_index, multilabel, logits=True)
+    return _fit_temperature(rows, labels)
+
+
 # %% ../nbs/01_callbacks.ipynb #d8631627
 def _n_real(dl, bs:int) -> int:
     "Items of `dl`'s batch just loaded that are not `DistributedDL` padding (shard-evening repeats)"
@@ -193,11 +379,27 @@ def _n_real(dl, bs:int) -> int:
     start = dl.rank * dl.n_padded // dl.world_size + dl.i - bs
     return max(0, min(bs, dl.n - start))
 
+def _distributed() -> bool:
+    "Whether there is a default torch.distributed group of more than one process"
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
 def _all_reduce(t:Tensor) -> Tensor:
     "`t` summed over the processes of the default torch.distributed group, if there is one"
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t)
+    if _distributed(): dist.all_reduce(t)
     return t
+
+def _all_gather(t:Tensor) -> Tensor:
+    "`t` of every process joined on dim 0, rank 0's first; sizes may differ, and be 0 (or `(0, 0)`)"
+    if not _distributed(): return t
+    world = dist.get_world_size()
+    shape = torch.tensor(t.shape, device=t.device)
+    shapes = [torch.empty_like(shape) for _ in range(world)]
+    dist.all_gather(shapes, shape)
+    padded = t.new_zeros(torch.stack(shapes).amax(0).tolist())  # the largest of each dim
+    padded[tuple(slice(0, n) for n in t.shape)] = t
+    gathered = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(gathered, padded)
+    return torch.cat([g[:n] for g, (n, *_) in zip(gathered, torch.stack(shapes).tolist())])
 
 # %% ../nbs/01_callbacks.ipynb #cc3ca8ad
 class _EpochValue(Metric):
@@ -213,22 +415,22 @@ class EntropyLogger(Callback):
     order, remove_on_fetch = -5, True  # before `MixUp` (unmixed labels), `Recorder` (our columns)
     _stateattrs = ('_train_sums', '_train_means', '_train_ids', '_valid_records',
                    '_reliability_bins', '_valid_sums', '_valid_bins', '_batch_state', '_constants',
-                   '_valid_values', '_train_pending', '_valid_pending', '_fit_number')
+                   '_valid_values', '_train_pending', '_valid_pending', '_fit_number',
+                   '_valid_samples')
     def __init__(self,
         eps:float|None=None, # smoothing of q'; `None`: the loss's (`eps`/`label_smoothing`) or 0.1
         prior:str|Tensor|None=None, # `None`: the loss's or uniform; 'others'; or K probabilities
         n_bins:int=15, # equal-width confidence bins of the ECE
         every:int=1, # log every `every`-th training batch in the history
         multilabel:bool|None=None, # independent labels (sigmoid); `None`: is the loss multi-label
+        calibration:bool=False, # `ace`, `cw_ece`, `temperature`, `aurc` too: keeps valid logits
     ):
         super().__init__()
-        for name, n in (('n_bins', n_bins), ('every', every)):
-            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-                raise ValueError(f"`{name}` must be a positive integer, got {n!r}")
+        _check_positive_int('n_bins', n_bins); _check_positive_int('every', every)
         # per-label: `multilabel=True`
         prior = _check_label_prior(prior) if multilabel else _check_prior(prior)
         self.eps, self.prior = None if eps is None else _check_eps(eps), prior
-        store_attr('n_bins,every,multilabel')
+        store_attr('n_bins,every,multilabel,calibration')
         self._init_state()
 
     def _init_state(self):
@@ -247,6 +449,8 @@ class EntropyLogger(Callback):
         self._batch_state = dict(labels=(), predicted=False, train_iter=0, pending_values=0)
         # (prediction, labels) of batches not computed yet: training, validation
         self._train_pending, self._valid_pending = [], []
+        # `calibration`: (logit rows, labels, label index or None) of the kept validation positions
+        self._valid_samples = []
 
     def reset(self):
         "Forget the history of all fits so far"
@@ -269,10 +473,15 @@ class EntropyLogger(Callback):
         self._eps, self._prior, self._axis, self._ignore = settings(loss_func, self.eps, self.prior)
         self._constants, self._new_fit = None, True
         self._batch_state.update(labels=(), predicted=False, pending_values=0)
-        self._train_pending.clear(); self._valid_pending.clear()
-        columns = [_EpochValue(self, n) for n in _recorded]
+        self._train_pending.clear(); self._valid_pending.clear(); self._valid_samples.clear()
+        columns = [_EpochValue(self, n) for n in self._columns]
         others = [m for m in self.learn.metrics if not isinstance(m, _EpochValue)]
         self.learn.metrics = others + columns
+
+    @property
+    def _columns(self) -> tuple:
+        "The Recorder's columns"
+        return _recorded + (_calibration if self.calibration else ())
 
     def _start(self):
         "At a fit's first batch, number it: the history keeps every fit's (`fine_tune`'s two, say)"
@@ -286,7 +495,8 @@ class EntropyLogger(Callback):
         self._valid_values, self._validating = {}, not self._predicting()
         if not self._validating: return
         self._start()
-        self._valid_sums = self._valid_bins = None; self._valid_pending.clear()
+        self._valid_sums = self._valid_bins = None
+        self._valid_pending.clear(); self._valid_samples.clear()
 
     # per batch, state goes in the dict `_batch_state`:
     # setting a `Callback`'s attribute looks it up in the `Learner`
@@ -333,6 +543,8 @@ class EntropyLogger(Callback):
         consts, bounds = self._consts(pending[0][0])
         axis, ml, ign = self._axis, self._multilabel, self._ignore
         for pred, y, items in _concat(pending):
+            if valid and self.calibration:
+                self._valid_samples.append(_samples(pred, y, axis, ign, ml, logits=True))
             if ml: pred, y, consts = _binary_view(pred, y, self._eps, self._prior, ign); axis = -1
             if not valid:
                 sums = _batch_stats(pred, y, consts, axis, ign, items=items, binary=ml)
@@ -348,8 +560,8 @@ class EntropyLogger(Callback):
         "The epoch's values from the totals over all batches and processes"
         if not self._validating: return
         self._flush(valid=True)
+        dev = next(iter(self.learn.model.parameters()), torch.empty(0)).device
         if self._valid_sums is None:
-            dev = next(iter(self.learn.model.parameters()), torch.empty(0)).device
             self._valid_sums = torch.zeros(6, dtype=torch.float64, device=dev)
             self._valid_bins = torch.zeros(self.n_bins + 1, 3, dtype=torch.float64, device=dev)
         tot = _all_reduce(torch.cat([self._valid_sums, self._valid_bins.flatten()])).cpu()
@@ -357,19 +569,39 @@ class EntropyLogger(Callback):
         # no samples: `None`, as fastai's metrics
         means = _means(tot[:6], *self._mean_args).tolist() if tot[5] > 0 else [None] * 6
         self._valid_values = dict(zip(_logged, means), ece=_ece(self._reliability_bins))
+        if self.calibration: self._valid_values.update(self._calibration_values(dev))
         train_iter = self._batch_state['train_iter']
         at = dict(fit=self._fit_number, epoch=self.learn.epoch, iter=train_iter)
         self._valid_records.append(dict(at, **self._valid_values))
 
+    def _calibration_values(self, device) -> dict:
+        "`ace`, `cw_ece`, `temperature`, `aurc` of the kept validation positions of all processes"
+        samples, self._valid_samples = self._valid_samples, []
+        if samples:
+            joined = (None if t[0] is None else torch.cat(t) for t in zip(*samples))
+            logits, labels, columns = joined
+        else:  # every process gathers the same tensors
+            logits = torch.zeros(0, 0, device=device)
+            labels = torch.zeros(0, dtype=torch.long, device=device)
+            columns = labels if self._multilabel else None
+        logits, labels = _all_gather(logits), _all_gather(labels)
+        if columns is not None: columns = _all_gather(columns)
+        if not len(labels): return dict.fromkeys(_calibration)
+        probs = _probabilities(logits, self._multilabel)
+        conf, correct = _top_label(probs, labels)
+        return dict(ace=_adaptive_ece(conf, correct, self.n_bins),
+                    cw_ece=_classwise_ece(probs, labels, self.n_bins, columns),
+                    temperature=_fit_temperature(logits, labels), aurc=_aurc(conf, correct))
+
     def after_fit(self):
         "Rest of the history (a cancelled fit skips `after_train`); our columns out of `metrics`"
-        self._flush(); self._valid_pending.clear()
+        self._flush(); self._valid_pending.clear(); self._valid_samples.clear()
         self.learn.metrics = [m for m in self.learn.metrics if not isinstance(m, _EpochValue)]
 
     def _epoch_value(self, name:str) -> float|None:
         "The epoch's `name` for the `Recorder`: validation, or training (`train_metrics=True`)"
         if not self.training: return self._valid_values.get(name)
-        if name == 'ece' or not self._train_sums: return None
+        if name in ('ece', *_calibration) or not self._train_sums: return None
         now = (self._fit_number, self.learn.epoch)
         this_epoch = torch.tensor([(f, e) == now for f, _, e in self._train_ids])
         rows = torch.cat(self._train_sums).cpu()[this_epoch]
@@ -390,8 +622,10 @@ class EntropyLogger(Callback):
 
     @property
     def valid_history(self) -> pd.DataFrame:
-        "The validation epochs of every fit: the means over all samples of `_logged`, and the ECE"
-        return pd.DataFrame(self._valid_records, columns=['fit', 'epoch', 'iter', *_logged, 'ece'])
+        "The validation epochs of every fit: the means over all samples of `_logged`, the ECE, ..."
+        calibration = _calibration if self.calibration else ()
+        columns = ['fit', 'epoch', 'iter', *_logged, 'ece', *calibration]
+        return pd.DataFrame(self._valid_records, columns=columns)
 
     @property
     def reliability(self) -> pd.DataFrame:
