@@ -31,15 +31,20 @@ def _loss_chain(loss_func) -> list:
         chain.append(inner)
     return chain
 
+def _smoothing_of(func) -> tuple:
+    "The `(eps, prior)` the innermost loss `func` holds now, unchecked; `None` for what it has not"
+    ls_losses = (LabelSmoothingCrossEntropy, fastai.losses.LabelSmoothingCrossEntropy)
+    if isinstance(func, ls_losses): eps = func.eps
+    else: eps = getattr(func, 'label_smoothing', 0.) or None  # torch's `nn.CrossEntropyLoss`
+    return eps, func.prior if isinstance(func, LabelSmoothingCrossEntropy) else None
+
 def _loss_settings(loss_func, eps=None, prior=None):
     "`(eps, prior, class axis, ignore_index)`: given ones, else the loss's, else 0.1, uniform"
     chain = _loss_chain(loss_func)
     func = chain[-1]
-    if eps is None:
-        ls_losses = (LabelSmoothingCrossEntropy, fastai.losses.LabelSmoothingCrossEntropy)
-        if isinstance(func, ls_losses): eps = func.eps
-        else: eps = getattr(func, 'label_smoothing', 0.) or 0.1  # torch's `nn.CrossEntropyLoss`
-    if prior is None and isinstance(func, LabelSmoothingCrossEntropy): prior = func.prior
+    loss_eps, loss_prior = _smoothing_of(func)
+    if eps is None: eps = 0.1 if loss_eps is None else loss_eps
+    if prior is None: prior = loss_prior
     # the outermost's: fastai's Flat losses have one
     axis = next((o.axis for o in chain if hasattr(o, 'axis')), 1)
     return _check_eps(eps), _check_prior(prior), axis, getattr(func, 'ignore_index', -100)
@@ -56,12 +61,17 @@ def _check_label_prior(prior):
     checked = _per_label('prior', prior, torch.as_tensor(prior).float(), at_most=1.)
     return checked if checked.ndim else float(prior)
 
+def _label_smoothing_of(func) -> tuple:
+    "The multi-label `(eps, prior)` the innermost loss `func` holds now; `None` for what it has not"
+    return (func.eps, func.prior) if isinstance(func, LabelSmoothingBCEWithLogits) else (None, None)
+
 def _multilabel_settings(loss_func, eps=None, prior=None):
     "Multi-label `(eps, prior, label axis, ignore_index)`: given ones, else the loss's, or 0.1, 0.5"
     func = _loss_chain(loss_func)[-1]
+    loss_eps, loss_prior = _label_smoothing_of(func)
+    if eps is None: eps = 0.1 if loss_eps is None else loss_eps
+    if prior is None: prior = loss_prior
     ours = isinstance(func, LabelSmoothingBCEWithLogits)
-    if eps is None: eps = func.eps if ours else 0.1
-    if prior is None and ours: prior = func.prior
     ignore = func.ignore_index if ours else None
     return _check_eps(eps), _check_label_prior(prior), 1, -100 if ignore is None else ignore
 
@@ -72,8 +82,10 @@ def _target_entropy(n_classes:int, eps:float, prior=None) -> Tensor:
     if prior == 'others':
         minus_h = xlogy(torch.tensor(1. - eps)) + (K - 1) * xlogy(torch.tensor(eps / (K - 1)))
         return -minus_h.expand(K)
-    a = eps * (torch.full((K,), 1 / K) if prior is None else prior)
-    return -xlogy(a).sum() + xlogy(a) - xlogy(a + 1 - eps)
+    u = torch.full((K,), 1 / K) if prior is None else prior
+    a = eps * (u if u.ndim == 2 else u.expand(K, K))  # row y: eps times class y's prior
+    a_yy = a.diagonal()
+    return -xlogy(a).sum(1) + xlogy(a_yy) - xlogy(a_yy + 1 - eps)
 
 # %% ../nbs/01_callbacks.ipynb #3b935389
 # the history's quantities
@@ -84,7 +96,7 @@ _calibration = ('ace', 'cw_ece', 'temperature', 'aurc')  # and with `calibration
 _FLUSH_AT = 1 << 22
 
 def _stat_consts(n_classes:int, eps:float, prior=None, device=None) -> tuple:
-    "The prior as a vector (`None` when uniform) and H(q') per class, on `device`"
+    "The prior as a vector or K x K (`None` when uniform) and H(q') per class, on `device`"
     v = prior.float() if isinstance(prior, Tensor) else None
     floor = _target_entropy(n_classes, eps, prior)
     return tuple(t if t is None else t.to(device) for t in (v, floor))
@@ -115,7 +127,7 @@ def _calibration_bins(conf:Tensor, correct:Tensor, bounds:Tensor, kept:Tensor|No
 
 def _batch_stats(
     pred:Tensor, y:Tensor,
-    consts:tuple, # (prior, H(q')); may hold one prior and H(q') row per position
+    consts:tuple, # (prior, H(q') per class); or one prior and H(q') row per position
     axis:int, ignore_index:int,
     bounds:Tensor|None=None, # the bins' bounds: also (count, confidence, accuracy) per bin
     items:list|None=None, # the batches' sizes on dim 0; default one batch
@@ -138,7 +150,10 @@ def _batch_stats(
     if bounds is None: p, conf = lp.exp(), lp.amax(1).exp_()
     else: conf, cls = p.max(1)
     lp_y = lp.gather(1, yi.unsqueeze(1)).squeeze(1)
-    lp_u = lp.mean(1) if v is None else lp @ v if v.ndim == 1 else (lp * v).sum(1)  # <u, log p>
+    # <u, log p>: u the prior; a K x K prior's row y (H(q') per class); a row per position
+    if v is None: lp_u = lp.mean(1)
+    elif v.ndim == 1: lp_u = lp @ v
+    else: lp_u = (lp * (v[yi] if Hq.ndim == 1 else v)).sum(1)
     hq = Hq.take(yi) if Hq.ndim == 1 else Hq.gather(1, yi.unsqueeze(1)).squeeze(1)
     columns = [lp_y, lp_u, torch.special.entr(p).sum(1), conf, hq, torch.ones_like(conf)]
     rows = torch.stack(columns, 1).masked_fill_(ign.unsqueeze(1), 0)
@@ -402,6 +417,16 @@ def _all_gather(t:Tensor) -> Tensor:
     return torch.cat([g[:n] for g, (n, *_) in zip(gathered, torch.stack(shapes).tolist())])
 
 # %% ../nbs/01_callbacks.ipynb #cc3ca8ad
+def _setting(v) -> tuple:
+    "A setting as `_same` compares it: a tensor with its in-place version, the rest as it is"
+    return v, v._version if isinstance(v, Tensor) else None
+
+def _same(a:tuple|None, b:tuple|None) -> bool:
+    "Whether two `_setting`s are one: tensors by identity and version, the rest by value"
+    if a is None or b is None: return False
+    if isinstance(a[0], Tensor) or isinstance(b[0], Tensor): return a[0] is b[0] and a[1] == b[1]
+    return a == b
+
 class _EpochValue(Metric):
     "A `Recorder` column: the `EntropyLogger`'s value of `name` for the epoch"
     def __init__(self, logger, name): self.logger, self._name = logger, name
@@ -416,10 +441,10 @@ class EntropyLogger(Callback):
     _stateattrs = ('_train_sums', '_train_means', '_train_ids', '_valid_records',
                    '_reliability_bins', '_valid_sums', '_valid_bins', '_batch_state', '_constants',
                    '_valid_values', '_train_pending', '_valid_pending', '_fit_number',
-                   '_valid_samples')
+                   '_valid_samples', '_train_eps')
     def __init__(self,
-        eps:float|None=None, # smoothing of q'; `None`: the loss's (`eps`/`label_smoothing`) or 0.1
-        prior:str|Tensor|None=None, # `None`: the loss's or uniform; 'others'; or K probabilities
+        eps:float|None=None, # smoothing of q'; `None`: the loss's at each batch, or 0.1
+        prior:str|Tensor|None=None, # `None`: the loss's, or uniform; 'others'; K or K x K probs
         n_bins:int=15, # equal-width confidence bins of the ECE
         every:int=1, # log every `every`-th training batch in the history
         multilabel:bool|None=None, # independent labels (sigmoid); `None`: is the loss multi-label
@@ -431,6 +456,7 @@ class EntropyLogger(Callback):
         prior = _check_label_prior(prior) if multilabel else _check_prior(prior)
         self.eps, self.prior = None if eps is None else _check_eps(eps), prior
         store_attr('n_bins,every,multilabel,calibration')
+        self._told_eps = None  # `set_eps`'s
         self._init_state()
 
     def _init_state(self):
@@ -438,6 +464,7 @@ class EntropyLogger(Callback):
         # the history: per logged training batch its sums, means and (fit, iter, epoch);
         # per validation epoch a dict of its values
         self._train_sums, self._train_means, self._train_ids, self._valid_records = [], [], [], []
+        self._train_eps = []  # each logged training batch's eps
         # the last validation's bins over all processes; this epoch's sums and bins in this one
         self._reliability_bins, self._valid_sums, self._valid_bins = None, None, None
         # (K, device, consts, bounds) as `_consts` computed them; the Recorder's validation values
@@ -445,6 +472,8 @@ class EntropyLogger(Callback):
         self._validating, self._new_fit = False, False
         self._mean_args = (0.1, 0)
         self._multilabel = False
+        # the eps and prior in force, as read (`_setting`): they tell when they change
+        self._eps_setting = self._prior_setting = None
         # the batch's labels, has it a prediction, the training batches of all fits, values pending
         self._batch_state = dict(labels=(), predicted=False, train_iter=0, pending_values=0)
         # (prediction, labels) of batches not computed yet: training, validation
@@ -466,11 +495,14 @@ class EntropyLogger(Callback):
         self.run = not (hasattr(self.learn, 'lr_finder') or self._predicting())
         self._valid_values = {}  # our columns are `None` until computed on the data being validated
         if not self.run: return
+        self._flush()  # an interrupted fit's last batches, with its settings
         ml = self.multilabel
         self._multilabel = _is_multilabel(self.learn.loss_func) if ml is None else ml
         settings = _multilabel_settings if self._multilabel else _loss_settings
         loss_func = self.learn.loss_func
-        self._eps, self._prior, self._axis, self._ignore = settings(loss_func, self.eps, self.prior)
+        self._axis, self._ignore = settings(loss_func, self.eps, self.prior)[2:]
+        self._eps_setting = self._prior_setting = None
+        self._follow_smoothing()  # the eps and prior in force
         self._constants, self._new_fit = None, True
         self._batch_state.update(labels=(), predicted=False, pending_values=0)
         self._train_pending.clear(); self._valid_pending.clear(); self._valid_samples.clear()
@@ -486,6 +518,33 @@ class EntropyLogger(Callback):
     def _start(self):
         "At a fit's first batch, number it: the history keeps every fit's (`fine_tune`'s two, say)"
         if self._new_fit: self._fit_number, self._new_fit = self._fit_number + 1, False
+
+    def set_eps(self,
+        eps:float|None, # the eps in force from now on; `None`: the loss's again
+    ):
+        "Tell the logger the current eps, for a loss whose eps it cannot read (no effect if fixed)"
+        self._told_eps = None if eps is None else _check_eps(eps)
+
+    def _follow_smoothing(self):
+        "The eps and prior in force now; the batches pending are computed with theirs first"
+        func = _loss_chain(self.learn.loss_func)[-1]
+        loss_eps, loss_prior = (_label_smoothing_of if self._multilabel else _smoothing_of)(func)
+        eps = next((e for e in (self.eps, self._told_eps, loss_eps) if e is not None), 0.1)
+        prior = loss_prior if self.prior is None else self.prior
+        eps_now, prior_now = _setting(eps), _setting(prior)
+        new_eps = not _same(eps_now, self._eps_setting)
+        new_prior = not _same(prior_now, self._prior_setting)
+        if not (new_eps or new_prior): return
+        self._flush()
+        check_prior = _check_label_prior if self._multilabel else _check_prior
+        if new_eps: self._eps = _check_eps(eps)
+        if new_prior:  # a copy: the batches pending keep theirs when the loss's changes in place
+            self._prior = check_prior(prior.clone() if isinstance(prior, Tensor) else prior)
+        self._eps_setting, self._prior_setting, self._constants = eps_now, prior_now, None
+
+    def after_loss(self):
+        "A training batch's loss is computed: the eps and prior it used are in force"
+        if self.training: self._follow_smoothing()
 
     def before_train(self): self._start()
     def after_train(self): self._flush()
@@ -506,7 +565,7 @@ class EntropyLogger(Callback):
         self._batch_state['predicted'] = True  # has a prediction (a cancelled batch has none)
 
     def _consts(self, pred:Tensor) -> tuple:
-        "The fit's constants for `pred`'s classes and device, computed once"
+        "The constants for `pred`'s classes and device, computed once per eps and prior"
         # multi-label: per batch, in `_binary_view`
         K = 2 if self._multilabel else pred.shape[self._axis]
         if self._constants is None or self._constants[:2] != (K, pred.device):
@@ -529,6 +588,7 @@ class EntropyLogger(Callback):
         if learn.training:
             self._train_pending.append((pred.detach().clone(), y))
             self._train_ids.append((self._fit_number, i, learn.epoch))
+            self._train_eps.append(self._eps)
         else:
             n = _n_real(learn.dl, len(pred))
             p_real, y_real = (pred[:n], y[:n]) if n < len(pred) else (pred, y)
@@ -604,9 +664,12 @@ class EntropyLogger(Callback):
         if name in ('ece', *_calibration) or not self._train_sums: return None
         now = (self._fit_number, self.learn.epoch)
         this_epoch = torch.tensor([(f, e) == now for f, _, e in self._train_ids])
-        rows = torch.cat(self._train_sums).cpu()[this_epoch]
-        if not len(rows): return None
-        return _means(rows.sum(0), *self._mean_args)[_logged.index(name)].item()
+        counts = torch.cat(self._train_sums).cpu()[this_epoch, 5]
+        if not len(counts): return None
+        # each batch's means with its own eps and prior, weighted by its positions
+        means = torch.cat(self._train_means).cpu()[this_epoch, _logged.index(name)]
+        has = counts > 0
+        return ((means[has] * counts[has]).sum() / counts.sum()).item()
 
     @property
     def history(self) -> pd.DataFrame:
@@ -656,7 +719,9 @@ def plot(self:EntropyLogger,
         ax.plot(h['iter'], sm[col], color=c, label=label)
         if len(v): ax.plot(v['iter'], v[col], 'o', color=c, ms=4)
     ax.plot(h['iter'], sm['target_entropy'], '--', color='k', lw=1, label="$H(q')$ floor")
-    title = f"entropy against the smoothed target ($\\varepsilon$={self._eps:g})"
+    lo, hi = min(self._train_eps), max(self._train_eps)
+    eps = f"{lo:g}" if lo == hi else f"{lo:g} to {hi:g}"
+    title = f"entropy against the smoothed target ($\\varepsilon$={eps})"
     ax.set(xlabel='training batch', ylabel='nats', title=title)
     ax.legend(fontsize='small')
     return ax.figure

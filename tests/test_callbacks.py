@@ -503,3 +503,113 @@ def test_calibration_off_keeps_nothing(monkeypatch):
     learn = fit(make_learner(LabelSmoothingCrossEntropy(0.1), [EntropyLogger()]), 2)
     assert calls == [] and learn.recorder.metric_names[-6:-1] == RECORDED
     assert list(learn.entropy_logger.valid_history.columns[-1:]) == ['ece']
+
+# ---- a changing eps and prior: each batch is logged with its own ----
+
+from label_smoothing_fa.callbacks import _target_entropy
+
+def floor_by_hand(eps, K=K, prior=None):
+    "H(q') of each class's smoothed one-hot target, float64 xlogy on q' = (1-eps) e_y + eps u_y"
+    u = torch.full((K, K), 1 / K, dtype=torch.float64) if prior is None else prior.double().expand(K, K)
+    q = (1 - eps) * torch.eye(K, dtype=torch.float64) + eps * u
+    return -torch.special.xlogy(q, q).sum(1)
+
+def test_floor_of_a_matrix_prior():
+    "The floor per row of a K x K prior, against q' built by hand, without the loss"
+    P = torch.softmax(torch.randn(K, K, generator=torch.Generator().manual_seed(0)) * 3, 1)
+    P[2] = torch.tensor([0., 0, 1, 0, 0])  # a row on its own class: q' one-hot, H = 0
+    for eps in (0., 0.25, 1.):
+        close(_target_entropy(K, eps, P), floor_by_hand(eps, prior=P), 1e-6)
+    close(_target_entropy(K, 0.25, P)[2], 0., 1e-7)
+
+class SetEps(Callback):
+    "A test schedule: sets the innermost loss's eps (through `BaseLoss`) before each training batch, or tells the logger"
+    def __init__(self, schedule, tell=False): self.schedule, self.tell = schedule, tell
+    def before_batch(self):
+        if not self.training: return
+        eps = self.schedule[self.learn.train_iter]
+        if self.tell: self.learn.entropy_logger.set_eps(eps)
+        else: callbacks._loss_chain(self.learn.loss_func)[-1].eps = eps
+
+@pytest.mark.parametrize('every', [1, 3])
+def test_history_follows_eps_per_batch(every):
+    "Each logged batch against the eps its loss used: every column, the floor by hand, and the epoch means"
+    schedule = np.linspace(0.4, 0.0, 20).tolist()
+    probe = Probe()
+    learn = make_learner(LabelSmoothingCrossEntropyFlat(0.4, axis=1), [EntropyLogger(every=every), probe, SetEps(schedule)], n_train=320)
+    learn.recorder.train_metrics = True
+    fit(learn, 2)
+    h = learn.entropy_logger.history
+    assert h['iter'].tolist() == list(range(0, 20, every))
+    for (_, row), i in zip(h.iterrows(), range(0, 20, every)):
+        close(row[LOGGED].to_numpy().astype(float), reference(*probe.seen[i], schedule[i]).mean(0))
+        close(row['target_entropy'], floor_by_hand(schedule[i])[0], 1e-6)
+    got = dict(zip(learn.recorder.metric_names[1:-1], learn.recorder.values[-1]))
+    for n in RECORDED[:-1]: close(got[f'train_{n}'], h[h['epoch'] == 1][n].mean())  # batches of equal size
+    # validation: the eps of the last training batch
+    logits, targs = learn.get_preds(act=lambda o: o)
+    close(learn.entropy_logger.valid_history[LOGGED].iloc[-1].to_numpy().astype(float),
+          reference(logits, targs, schedule[-1]).mean(0))
+
+class PriorPerEpoch(Callback):
+    "A stand-in for online label smoothing: a new K x K prior and eps = 1 - alpha at each epoch; in the third, in place mid-epoch"
+    def __init__(self): self.used = []  # (eps, prior) of each training batch (not in `before_fit`: `get_preds` fires it)
+    def before_batch(self):
+        if not self.training: return
+        loss, it = self.learn.loss_func, self.iter
+        P = torch.softmax(torch.randn(K, K, generator=torch.Generator().manual_seed(self.epoch)) * 2, 1)
+        if self.epoch < 2 and it == 0: loss.prior, loss.eps = P, 1 - (0.5 + 0.1 * self.epoch)
+        if self.epoch == 2 and it == 5: loss.prior.copy_(P)  # the same tensor, a new version, batches waiting
+        self.used.append((loss.eps, loss.prior.clone()))
+
+def test_history_follows_matrix_prior_per_epoch():
+    probe, online = Probe(), PriorPerEpoch()
+    learn = fit(make_learner(LabelSmoothingCrossEntropy(0.1), [EntropyLogger(), probe, online], n_train=320), 3)
+    h = learn.entropy_logger.history
+    assert len(h) == 30
+    for (_, row), (pred, y), (eps, P) in zip(h.iterrows(), probe.seen, online.used):
+        close(row[LOGGED].to_numpy().astype(float), reference(pred, y, eps, P).mean(0))
+    assert not torch.equal(online.used[24][1], online.used[25][1])  # the in-place change
+    logits, targs = learn.get_preds(act=lambda o: o)
+    eps, P = online.used[-1]
+    close(learn.entropy_logger.valid_history[LOGGED].iloc[-1].to_numpy().astype(float), reference(logits, targs, eps, P).mean(0))
+
+def test_set_eps_and_fixed_eps():
+    "A loss with no eps to read is told by `set_eps`; a constructor's eps ignores both the loss and `set_eps`"
+    schedule = np.linspace(0.3, 0.05, 10).tolist()
+    loss = lambda x, y: F.cross_entropy(x, y, label_smoothing=0.2)
+    probe = Probe()
+    learn = fit(make_learner(loss, [EntropyLogger(), probe, SetEps(schedule, tell=True)], n_train=320))
+    for (_, row), (pred, y), eps in zip(learn.entropy_logger.history.iterrows(), probe.seen, schedule):
+        close(row[LOGGED].to_numpy().astype(float), reference(pred, y, eps).mean(0))
+    for tell in (False, True):
+        learn = fit(make_learner(LabelSmoothingCrossEntropy(0.3), [EntropyLogger(eps=0.05), SetEps(schedule, tell)], n_train=320))
+        close(learn.entropy_logger.history['target_entropy'].to_numpy(), floor_by_hand(0.05)[0].expand(10), 1e-6)
+    el = EntropyLogger()
+    el.set_eps(0.2); el.set_eps(None)
+    assert el._told_eps is None
+    with pytest.raises(ValueError, match='`eps` must be in'): el.set_eps(-1)
+
+def test_multilabel_follows_eps():
+    "A multi-label loss's eps changed per batch: each batch's floor is the binary entropy of its smoothed target"
+    torch.manual_seed(0)
+    x = torch.randn(64, 8)
+    y = (x[:, :3] > 0).float()
+    dls = DataLoaders(DataLoader(list(zip(x, y)), bs=16), DataLoader(list(zip(x, y)), bs=16))
+    schedule = [0.4, 0.3, 0.2, 0.1]
+    learn = fit(Learner(dls, nn.Linear(8, 3), loss_func=LabelSmoothingBCEWithLogitsFlat(0.4), cbs=[EntropyLogger(), SetEps(schedule)]))
+    h2 = lambda t: -(t * np.log(t) + (1 - t) * np.log(1 - t))
+    # prior 0.5: y' = eps / 2 or 1 - eps / 2, the same binary entropy
+    close(learn.entropy_logger.history['target_entropy'].to_numpy(), [h2(e / 2) for e in schedule], 1e-6)
+
+def test_interrupted_fit_then_new_fit():
+    "The batches an interrupted fit left waiting join the history before the next fit starts"
+    class Interrupt(Callback):
+        def after_batch(self):
+            if self.training and self.epoch == 1 and self.iter == 1: raise KeyboardInterrupt
+    learn = make_learner(LabelSmoothingCrossEntropy(0.1), [EntropyLogger(), Interrupt()])
+    with pytest.raises(KeyboardInterrupt): fit(learn, 3)
+    learn.remove_cb(learn.interrupt)
+    fit(learn)
+    h = learn.entropy_logger.history
+    assert h['iter'].tolist() == list(range(10)) and h['fit'].tolist() == [0] * 6 + [1] * 4
