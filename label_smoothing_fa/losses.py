@@ -4,6 +4,7 @@
 
 # %% ../nbs/00_losses.ipynb #d78615fc
 from __future__ import annotations
+from typing import NamedTuple
 import torch, torch.nn as nn, torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
@@ -78,19 +79,44 @@ def _check_class_vector(name, v, n_classes=None):
         raise ValueError(f"`{name}` must be finite and non-negative, got {v.tolist()}")
     return v
 
+def _check_prior_matrix(prior:Tensor, n_classes=None) -> Tensor:
+    "A square float tensor, one row per class, finite and non-negative"
+    prior = _f32(prior) if prior.dtype.is_floating_point else prior.float()
+    K = len(prior)
+    if prior.shape != (K, K):
+        raise ValueError("`prior` as a matrix must be square, row y the prior of class y, "
+                         f"got shape {tuple(prior.shape)}")
+    if n_classes is not None and K != n_classes:
+        raise ValueError(f"`prior` is {K} x {K} but the input has {n_classes} classes")
+    if _readable(prior) and not (prior.isfinite() & (prior >= 0)).all():
+        row, col = (~(prior >= 0) | ~prior.isfinite()).nonzero()[0].tolist()
+        raise ValueError(f"`prior` must be finite and non-negative, got {prior[row, col].item():g} "
+                         f"in row {row}, column {col}")
+    return prior
+
 def _check_prior(prior, n_classes=None):
-    "`None` (uniform), `'others'`, or a probability vector over the classes"
+    "`None` (uniform), `'others'`, K class probabilities, or K x K: row y the prior of class y"
     if prior is None or isinstance(prior, str):
         if prior not in (None, 'others'):
-            raise ValueError("`prior` must be None, 'others' or a tensor of class probabilities, "
-                             f"got {prior!r}")
+            raise ValueError("`prior` must be None, 'others', a tensor of class probabilities or "
+                             f"a K x K matrix of them (row y for class y), got {prior!r}")
         if prior == 'others' and n_classes is not None and n_classes < 2:
             raise ValueError("`prior='others'` needs at least 2 classes")
         return prior
-    dtype = prior.dtype if isinstance(prior, Tensor) else torch.float32
-    prior = _check_class_vector('prior', prior, n_classes)
-    if _readable(prior) and abs(prior.sum().item() - 1) > _sum_tolerance(dtype, 1e-4):
-        raise ValueError(f"`prior` must sum to 1, got {prior.sum().item():.6f}")
+    if not isinstance(prior, Tensor): prior = torch.as_tensor(prior, dtype=torch.float32)
+    dtype = prior.dtype
+    if prior.ndim not in (1, 2):
+        raise ValueError("`prior` must be K class probabilities or a K x K matrix of them, "
+                         f"got shape {tuple(prior.shape)}")
+    if prior.ndim == 2: prior = _check_prior_matrix(prior, n_classes)
+    else: prior = _check_class_vector('prior', prior, n_classes)
+    if not _readable(prior): return prior
+    sums = prior.sum(-1).reshape(-1)  # each row's (a vector: one)
+    off = ((sums - 1).abs() > _sum_tolerance(dtype, 1e-4)).nonzero().flatten().tolist()
+    if off and prior.ndim == 1: raise ValueError(f"`prior` must sum to 1, got {sums.item():.6f}")
+    if off:
+        raise ValueError(f"each row of `prior` must sum to 1 (row y: the prior of class y), "
+                         f"row {off[0]} sums to {sums[off[0]].item():.6f}")
     return prior
 
 # %% ../nbs/00_losses.ipynb #2a4808f2
@@ -105,7 +131,7 @@ def smooth_targets(
     target:Tensor, # class indices (integer dtype, any shape), or soft targets (float, classes last)
     n_classes:int, # number of classes K
     eps:float=0.1, # share of probability moved to the prior
-    prior=None, # None (uniform), 'others' (the K-1 other classes) or K probabilities
+    prior=None, # None (uniform), 'others', K class probabilities, or K x K: row y for class y
 ) -> Tensor: # q' = (1-eps) q + eps u, the classes on the last axis
     "The smoothed target distribution q' for integer or soft targets"
     if isinstance(n_classes, bool) or not isinstance(n_classes, int) or n_classes < 1:
@@ -118,7 +144,8 @@ def smooth_targets(
                          f"got shape {tuple(target.shape)}")
     if prior is None: u = torch.full((n_classes,), 1/n_classes, dtype=q.dtype, device=q.device)
     elif isinstance(prior, str): u = (1 - q) / (n_classes - 1)
-    else: u = prior.to(q)
+    elif prior.ndim == 1: u = prior.to(q)
+    else: u = q @ prior.to(q)  # K x K: row y for class y; soft targets mix the rows
     return (1 - eps) * q + eps * u
 
 # %% ../nbs/00_losses.ipynb #4a5746a3
@@ -171,24 +198,59 @@ def _weighted_sum(z:Tensor, w:Tensor|None, axis:int, w_has_zeros:bool=True) -> T
         return z @ w if axis == z.ndim - 1 else (z * _class_vec(w, z, axis)).sum(axis)
     return torch.where(w == 0, 0., z * w).sum(axis)
 
-_BLOCK = 1 << 18  # logits per block of rows in `_shifted_sums` (1 MB in float32: it stays in cache)
+_BLOCK = 1 << 18  # logits per block of rows (1 MB in float32: it stays in cache)
 
-def _shifted_sums(x:Tensor, c:Tensor, ws:list, v_has_zeros:bool) -> list:
-    "For each `w` of `ws`, sum_k w_k (x_k - c) over the last axis, `c` one number per row"
-    K = x.shape[-1]
-    x2, c2 = x.reshape(-1, K), c.reshape(-1, 1)
-    sums = [c2.new_empty(len(x2)) for _ in ws]
-    step = max(1, _BLOCK // max(K, 1))
-    block = c2.new_empty(min(step, len(x2)), K)  # one buffer for all blocks
-    for i in range(0, len(x2), step):
-        z = torch.sub(x2[i:i + step], c2[i:i + step], out=block[:len(x2) - i])  # shifted, in cache
+def _rows_last(t:Tensor, axis:int) -> Tensor:
+    "A view of `t` with the class `axis` last and, where the memory allows, the rows on one axis"
+    t = t.movedim(axis, -1)
+    return t.view(-1, t.shape[-1]) if t.is_contiguous() else t
+
+def _row_blocks(rows:Tensor) -> list:
+    "Slices of the first axis of `rows` (from `_rows_last`) of about `_BLOCK` values each"
+    step = max(1, _BLOCK // max(rows[:1].numel(), 1))
+    return [slice(i, i + step) for i in range(0, len(rows), step)]
+
+class _RowPriors(NamedTuple):
+    "A K x K prior `P` row by row: row y for class indices `by`, `by @ P` for soft targets `by`"
+    P: Tensor
+    by: Tensor # class indices (the input's rows) or soft targets (the input's shape)
+
+    def rows_like(self, rows:Tensor, axis:int) -> _RowPriors:
+        "`by` in the layout of `rows`, the input as `_rows_last` gives it"
+        if self.by.dtype.is_floating_point: by = self.by.movedim(axis, -1).reshape(rows.shape)
+        else: by = self.by.reshape(rows.shape[:-1])
+        return self._replace(by=by)
+
+    def block(self, i:slice|None=None) -> Tensor:
+        "The priors of rows `i` (`None`: all) of `by`, classes last"
+        by = self.by if i is None else self.by[i]
+        return by @ self.P if by.dtype.is_floating_point else self.P[by]
+
+    def full(self, axis:int) -> Tensor:
+        "Every row's prior, classes on `axis`: N x K values, for the dense path and double backward"
+        by = self.by.movedim(axis, -1) if self.by.dtype.is_floating_point else self.by
+        return self._replace(by=by).block().movedim(-1, axis)
+
+def _shifted_sums(x:Tensor, c:Tensor, ws:list, v_has_zeros:bool, axis:int=-1) -> list:
+    "For each `w` of `ws` (None, a class vector, like `x`, `_RowPriors`), <w, x - c> over `axis`"
+    rows = _rows_last(x, axis)
+    c_rows = c.reshape(*rows.shape[:-1], 1)
+    ws = [w.rows_like(rows, axis) if isinstance(w, _RowPriors) else
+          w if w is None or w.ndim == 1 else w.movedim(axis, -1).reshape(rows.shape) for w in ws]
+    sums = [c.new_empty(rows.shape[:-1]) for _ in ws]
+    blocks = _row_blocks(rows)
+    block = c.new_empty(rows[blocks[0]].shape if blocks else rows.shape)  # one buffer for all
+    for i in blocks:
+        z = torch.sub(rows[i], c_rows[i], out=block[:len(rows[i])])  # shifted, in cache
         for out, w in zip(sums, ws):
-            w_block = w if w is None or w.ndim == 1 else w.reshape(-1, K)[i:i + step]
-            out[i:i + step] = _weighted_sum(z, w_block, 1, v_has_zeros)
+            if isinstance(w, _RowPriors): w = w.block(i)  # the block's priors, gathered in cache
+            elif w is not None and w.ndim > 1: w = w[i]
+            out[i] = _weighted_sum(z, w, z.ndim - 1, v_has_zeros)
     return [s.view(c.shape) for s in sums]
 
-def _row_sums(x:Tensor, c:Tensor, lse:Tensor, v:Tensor|None, v_has_zeros:bool) -> Tensor:
+def _row_sums(x:Tensor, c:Tensor, lse:Tensor, v, v_has_zeros:bool) -> Tensor:
     "<v, x - c> over the last axis (`v` None: the mean): plain if exact enough, else shifted"
+    if isinstance(v, _RowPriors): return _shifted_sums(x, c, [v], v_has_zeros)[0]
     plain = x.mean(-1, dtype=c.dtype) if v is None else _f32(x) @ v
     total = 1. if v is None else v.sum()
     sums = plain - c * total
@@ -226,10 +288,22 @@ def _softmax_parts(x:Tensor, axis:int, idx, soft, v, v_has_zeros:bool):
     z = torch.sub(x, m)
     if idx is not None: tz = z.gather(axis, idx.unsqueeze(axis)).squeeze(axis)
     else: tz = _weighted_sum(z, soft, axis)
-    vz = _weighted_sum(z, v, axis, v_has_zeros)
+    if isinstance(v, _RowPriors): vz, = _shifted_sums(x, m.squeeze(axis), [v], False, axis)
+    else: vz = _weighted_sum(z, v, axis, v_has_zeros)
     e = z.exp_()
     s = e.sum(axis)
     return e, s.log(), tz, vz, s
+
+def _prior_part(v, x:Tensor, axis:int):
+    "`v` to broadcast along `axis` of `x`: 1/K (`None`), a class vector, or each row's prior"
+    if v is None: return 1 / x.shape[axis]
+    return v.full(axis) if isinstance(v, _RowPriors) else _class_vec(v, x, axis)
+
+def _subtract_row_priors(grad:Tensor, gv:Tensor, v:_RowPriors, axis:int):
+    "`grad -= gv * v` in place, each row's prior gathered a block of rows at a time"
+    rows = _rows_last(grad, axis)  # a view: what is written reaches `grad`
+    gv, v = gv.reshape(*rows.shape[:-1], 1), v.rows_like(rows, axis)
+    for i in _row_blocks(rows): rows[i].addcmul_(gv[i], v.block(i), value=-1)
 
 class _FusedLabelSmoothing(torch.autograd.Function):
     "Per row `A (lse-c) - cT <T, x-c> - cv <v, x-c>`; its softmax becomes the gradient"
@@ -238,25 +312,28 @@ class _FusedLabelSmoothing(torch.autograd.Function):
         p, lse_c, tz, vz, s = _softmax_parts(x, axis, idx, soft, v, v_has_zeros)
         loss = _times(A, lse_c) - _times(cT, tz) - _times(cv, vz)
         dead = (A == 0) & ~lse_c.isfinite() if isinstance(A, Tensor) else None  # weightless, NaN
-        ctx.save_for_backward(x, idx, soft, v, dead if dead is not None and dead.any() else None)
+        dead = dead if dead is not None and dead.any() else None
+        ctx.save_for_backward(x, idx, soft, dead, *(v if isinstance(v, _RowPriors) else [v]))
         ctx.axis, ctx.coefs, ctx.p, ctx.s = axis, (A, cT, cv), p, s
         return loss
 
     @staticmethod
     def backward(ctx, g):
         "g (A p - cT T - cv v); built from differentiable operations when a graph is (create_graph)"
-        x, idx, soft, v, dead = ctx.saved_tensors
+        x, idx, soft, dead, *v = ctx.saved_tensors
+        v = _RowPriors(*v) if len(v) == 2 else v[0]
         axis, p, s, ctx.p = ctx.axis, ctx.p, ctx.s, None
         gA, gT, gv = [(g * c).unsqueeze(axis) for c in ctx.coefs]
-        vb = 1 / x.shape[axis] if v is None else _class_vec(v, x, axis)
         if torch.is_grad_enabled():  # create_graph=True: a gradient to differentiate again
-            grad = gA * torch.softmax(_f32(x), axis) - gv * vb
+            grad = gA * torch.softmax(_f32(x), axis) - gv * _prior_part(v, x, axis)
             if idx is not None: grad = grad.scatter_add(axis, idx.unsqueeze(axis), -gT)
             else: grad = grad - gT * soft
         else:  # the forward's softmax buffer becomes the gradient, in place
             if p is None: p, s = torch.softmax(x, axis, dtype=_f32_dtype(x.dtype)), None  # again
             grad = p.mul_(gA if s is None else gA / s.unsqueeze(axis))
-            grad.addcmul_(gv, vb, value=-1) if v is not None else grad.sub_(gv * vb)
+            if isinstance(v, _RowPriors): _subtract_row_priors(grad, gv, v, axis)
+            elif v is not None: grad.addcmul_(gv, _class_vec(v, x, axis), value=-1)
+            else: grad.sub_(gv / x.shape[axis])
             if idx is not None: grad.scatter_add_(axis, idx.unsqueeze(axis), -gT)
             else: grad.addcmul_(soft, gT, value=-1)
         if dead is not None: grad = grad.masked_fill(dead.unsqueeze(axis), 0.)
@@ -334,22 +411,27 @@ def _mean_denominator(r, n:int):
     if isinstance(total, Tensor): return torch.where(total > 0, total, torch.inf)
     return total if total > 0 else float('inf')
 
+def _per_row(vec:Tensor, idx, soft, axis:int) -> Tensor:
+    "A class vector's value for each row: `vec[y]` for class indices, <T, vec> for soft targets"
+    return vec[idx] if idx is not None else _weighted_sum(soft, vec, axis, False)
+
 def _row_coefficients(idx, soft, tsum, keep, weight, prior, eps, K, axis, reduction, weight_mode,
                       dt):
-    "Per-row numbers cT, cv, A of `A lse - cT <T, x> - cv <v, x>`, the class vector v, targets T"
+    "Per-row numbers cT, cv, A of `A lse - cT <T, x> - cv <v, x>`, v (or `_RowPriors`), targets T"
     v = prior if isinstance(prior, Tensor) else None
+    mixing = soft  # soft targets as given: they mix a K x K prior's rows, in every weight mode
     a_u, b_u = (-1 / (K - 1), K / (K - 1)) if prior == 'others' else (0., 1.)
     n, mean = (tsum.numel() if idx is None else idx.numel()), reduction == 'mean'
     kept = 1. if keep is None else keep.to(dt)
     if weight is not None:
         if mean and not (weight_mode == 'torch' and soft is not None):  # scale-free: normalise
             weight = weight / torch.where(weight.amax() > 0, weight.amax(), 1.)
-        w_y = weight[idx] if idx is not None else _weighted_sum(soft, weight, axis, False)
+        w_y = _per_row(weight, idx, soft, axis)
         w_row = kept * w_y
     else: w_row = kept
     t_sum = 1. if idx is not None else tsum
     if weight_mode == 'torch' and weight is not None:
-        v = weight / K if v is None else weight * v
+        v = weight / K if v is None else weight * v  # K x K: each row y becomes w * P[y]
         if soft is not None: soft, t_sum = soft * _class_vec(weight, soft, axis), w_row
         w_t = w_row if idx is not None else kept
         den = _mean_denominator(w_t, n) if mean else 1.
@@ -361,7 +443,11 @@ def _row_coefficients(idx, soft, tsum, keep, weight, prior, eps, K, axis, reduct
     else:
         den = _mean_denominator(w_row, n) if mean else 1.
         cT, cv = (1 - eps + eps * a_u) * w_row / den, eps * b_u * w_row / den
-    A = cT * t_sum + cv * (1. if v is None else v.sum())
+    if v is not None and v.ndim == 2:  # K x K: the prior of each row's target
+        v = _RowPriors(v, idx if idx is not None else mixing)
+        v_total = _per_row(v.P.sum(-1), idx, mixing, axis)
+    else: v_total = 1. if v is None else v.sum()
+    A = cT * t_sum + cv * v_total
     return cT, cv, A, v, soft
 
 # %% ../nbs/00_losses.ipynb #6d399113
@@ -375,7 +461,7 @@ def _dense_label_smoothing(x, idx, soft, cT, cv, A, v, axis, reduction):
     lp = torch.log_softmax(_f32(x), axis)
     if soft is not None: negB = soft * -along(cT)
     else: negB = torch.zeros_like(lp).scatter_(axis, idx.unsqueeze(axis), -along(cT))
-    prior_part = along(cv) * (1 / x.shape[axis] if v is None else _class_vec(v, lp, axis))
+    prior_part = along(cv) * _prior_part(v, lp, axis)
     negB.sub_(prior_part)  # -B: no autograd step for the sign
     terms = torch.where(negB == 0, 0., lp * negB)  # a class without target weight adds 0, always
     # summed in float64: the small smoothing terms are not rounded away against the target's
@@ -391,7 +477,7 @@ def label_smoothing_cross_entropy(
     weight:Tensor|None=None, # one non-negative weight per class
     reduction:str='mean', # 'mean', 'sum' or 'none'
     *,
-    prior=None, # None (uniform), 'others' (the K-1 other classes) or K probabilities
+    prior=None, # None (uniform), 'others', K class probabilities, or K x K: row y for class y
     ignore_index:int=-100, # class index that contributes nothing
     axis:int=1, # the class axis of `input`
     weight_mode:str='sample', # how `weight` applies: 'sample', 'torch' or 'fastai'
@@ -419,7 +505,7 @@ def label_smoothing_cross_entropy(
     graph_args = any(isinstance(t, Tensor) and t.requires_grad for t in (soft, weight, prior))
     if x.numel() < _DENSE_BELOW or not check or graph_args:  # small, traced, more to differentiate
         return _dense_label_smoothing(x, idx, soft, cT, cv, A, v, axis, reduction)
-    v_has_zeros = v is not None and bool((v == 0).any())
+    v_has_zeros = isinstance(v, Tensor) and bool((v == 0).any())
     loss = _FusedLabelSmoothing.apply(x, idx, soft, cT, cv, A, v, axis, v_has_zeros)
     return loss if reduction == 'none' else loss.sum()
 
@@ -451,7 +537,7 @@ class LabelSmoothingCrossEntropy(nn.Module):
         weight:Tensor|None=None, # one non-negative weight per class
         reduction:str='mean', # 'mean', 'sum' or 'none'
         *,
-        prior=None, # None (uniform), 'others' (the K-1 other classes) or K probabilities
+        prior=None, # None (uniform), 'others', K class probabilities, or K x K: row y, class y
         ignore_index:int=-100, # class index that contributes nothing
         axis:int=1, # the class axis of the input
         weight_mode:str='sample', # how `weight` applies: 'sample', 'torch' or 'fastai'
@@ -480,7 +566,8 @@ class LabelSmoothingCrossEntropy(nn.Module):
         return out.argmax(dim=self.axis)
 
     def extra_repr(self):
-        prior = self.prior if isinstance(self.prior, str) or self.prior is None else 'tensor'
+        prior = self.prior
+        if isinstance(prior, Tensor): prior = f"tensor({' x '.join(map(str, prior.shape))})"
         return (f"eps={self.eps}, reduction={self.reduction!r}, prior={prior}, axis={self.axis}, "
                 f"weight_mode={self.weight_mode!r}")
 
@@ -493,7 +580,7 @@ class LabelSmoothingCrossEntropyFlat(BaseLoss):
         weight:Tensor|None=None, # one non-negative weight per class
         reduction:str='mean', # 'mean', 'sum' or 'none' (per item: its kept positions' mean)
         *,
-        prior=None, # None (uniform), 'others' (the K-1 other classes) or K probabilities
+        prior=None, # None (uniform), 'others', K class probabilities, or K x K: row y, class y
         ignore_index:int=-100, # class index that contributes nothing
         axis:int=-1, # the class axis of the input
         weight_mode:str='sample', # how `weight` applies: 'sample', 'torch' or 'fastai'
