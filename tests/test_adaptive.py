@@ -240,3 +240,257 @@ def test_refusals():
     assert loss_func.eps == 0.2  # the batch before; `restore()` puts it back
     learn.eps_scheduler.restore()
     assert loss_func.eps == 0.1
+
+# ---- OnlineLabelSmoothing: the prior and each batch's loss against the batches recorded as the model trains ----
+
+from pathlib import Path
+import torch.distributed as dist, torch.multiprocessing as mp
+from fastai.callback.core import CancelBatchException
+from fastai.callback.mixup import CutMix
+from label_smoothing_fa.adaptive import OnlineLabelSmoothing
+from label_smoothing_fa.callbacks import EntropyLogger
+
+SHAPES = {'flat': ((8,), ()), 'image': ((1, 8, 8), ()), 'seq': ((6, 8), (6,)), 'seg': ((3, 4, 4), (4, 4))}
+
+def shaped_data(n, kind, seed, ignore_index=None, soft=False):
+    "Inputs and labels (a fifth at `ignore_index` when given) of a fixed random teacher: flat, image, sequence or segmentation"
+    g = torch.Generator().manual_seed(seed)
+    x_shape, _ = SHAPES[kind]
+    x = torch.randn(n, *x_shape, generator=g)
+    t = torch.Generator().manual_seed(99)
+    if kind == 'seg': logits = torch.einsum('nchw,ck->nhwk', x, torch.randn(3, K, generator=t))
+    elif kind == 'seq': logits = x @ torch.randn(8, K, generator=t)
+    else: logits = x.flatten(1) @ torch.randn(x[0].numel(), K, generator=t)
+    y = (logits + torch.randn(logits.shape, generator=g)).argmax(-1)
+    if ignore_index is not None: y = torch.where(torch.rand(y.shape, generator=g) < 0.2, ignore_index, y)
+    if soft: y = F.one_hot(y, K).float()
+    return x, y
+
+def shaped_model(kind):
+    torch.manual_seed(0)
+    if kind == 'seg': return nn.Conv2d(3, K, 1)
+    if kind == 'seq': return nn.Linear(8, K)
+    return nn.Sequential(nn.Flatten(), nn.Linear(64 if kind == 'image' else 8, K))
+
+def shaped_learner(loss_func, cbs=(), kind='flat', n_train=128, bs=32, train_dl=None, **data_kw):
+    xt, yt = shaped_data(n_train, kind, 1, **data_kw)
+    xv, yv = shaped_data(64, kind, 2, **data_kw)
+    train = train_dl if train_dl is not None else DataLoader(list(zip(xt, yt)), bs=bs, shuffle=True, drop_last=True)
+    return Learner(DataLoaders(train, DataLoader(list(zip(xv, yv)), bs=bs)), shaped_model(kind), loss_func=loss_func, cbs=list(cbs))
+
+class Batches(Callback):
+    "Per training batch: epoch, prediction, labels before MixUp, the loss, and the loss's eps and prior then"
+    order = -20
+    def before_fit(self): self.seen, self.inner = [], _loss_chain(self.learn.loss_func)[-1]  # before MixUp swaps it
+    def before_batch(self): self.yb0 = self.learn.yb
+    def after_loss(self):
+        if not self.training: return
+        inner = self.inner
+        prior = inner.prior.clone() if isinstance(inner.prior, torch.Tensor) else inner.prior
+        self.seen.append(dict(epoch=self.epoch, pred=self.pred.detach().clone(), y=self.yb0[0].clone(),
+                              loss=self.learn.loss.item(), eps=inner.eps, prior=prior))
+
+def rows_last(pred, y, axis):
+    "Probabilities (float64) with the classes last, one row per position, and the flat labels"
+    p = pred.double().softmax(axis).movedim(axis, -1).reshape(-1, K)
+    y = y.argmax(axis) if y.dtype.is_floating_point and y.shape == pred.shape else y
+    return p, y.reshape(-1)
+
+def prior_by_hand(batches, last=None, axis=1, ignore=-100):
+    "Mean softmax of each class's correctly classified positions, one at a time; the last row where there is none"
+    sums, counts = torch.zeros(K, K, dtype=torch.float64), torch.zeros(K)
+    for b in batches:
+        p, y = rows_last(b['pred'], b['y'], axis)
+        for pi, yi in zip(p, y.tolist()):
+            if yi != ignore and pi.argmax().item() == yi: sums[yi] += pi; counts[yi] += 1
+    last = torch.full((K, K), 1 / K, dtype=torch.float64) if last is None else last.double()
+    return torch.stack([sums[c] / counts[c] if counts[c] else last[c] for c in range(K)])
+
+def loss_by_hand(b, alpha, prior, axis=1, ignore=-100):
+    "alpha CE(hard) + (1 - alpha) CE(prior[y]), the mean over the kept positions, in float64"
+    p, y = rows_last(b['pred'], b['y'], axis)
+    kept = y != ignore
+    log_p, y = p[kept].log(), y[kept]
+    return (alpha * -log_p.gather(1, y[:, None]).squeeze(1) + (1 - alpha) * -(prior[y] * log_p).sum(1)).mean().item()
+
+OLS_CASES = {  # loss, kind, data, class axis, ignore_index
+    'flat':     (lambda: LabelSmoothingCrossEntropy(0.1), 'flat', {}, 1, -100),
+    'soft':     (lambda: LabelSmoothingCrossEntropy(0.1), 'flat', dict(soft=True), 1, -100),
+    'seq-flat': (lambda: LabelSmoothingCrossEntropyFlat(0.1), 'seq', {}, -1, -100),
+    'seg':      (lambda: LabelSmoothingCrossEntropy(0.1, axis=1, ignore_index=255), 'seg', dict(ignore_index=255), 1, 255),
+    'seg-flat': (lambda: LabelSmoothingCrossEntropyFlat(0.1, axis=1, ignore_index=255, prior='others'), 'seg', dict(ignore_index=255), 1, 255),
+}
+
+@pytest.mark.parametrize('case', list(OLS_CASES))
+def test_online_prior_and_loss_match_recorded_batches(case):
+    "Trained for real (the model moves within each epoch): each epoch's prior from its batches, each batch's loss from the prior before"
+    make_loss, kind, data_kw, axis, ignore = OLS_CASES[case]
+    alpha, probe, loss_func = 0.6, Batches(), make_loss()
+    ols = OnlineLabelSmoothing(alpha, warmup_eps=0.25)
+    learn = fit(shaped_learner(loss_func, [ols, probe], kind, **data_kw), 3, lr=0.1)
+    by_epoch = [[b for b in probe.seen if b['epoch'] == e] for e in range(3)]
+    assert [len(b) for b in by_epoch] == [4] * 3 and len(ols.priors) == 3
+    last = None
+    for e in range(3):
+        if e == 0:  # warm-up: plain label smoothing, uniform prior
+            for b in by_epoch[0]:
+                assert (b['eps'], b['prior']) == (0.25, None)
+                p, y = rows_last(b['pred'], b['y'], axis)
+                kept = y != ignore
+                assert b['loss'] == pytest.approx(F.cross_entropy(p[kept].log(), y[kept], label_smoothing=0.25).item(), abs=2e-6)
+        else:
+            for b in by_epoch[e]:
+                assert b['eps'] == pytest.approx(1 - alpha) and torch.equal(b['prior'], ols.priors[e - 1])
+                assert b['loss'] == pytest.approx(loss_by_hand(b, alpha, ols.priors[e - 1].double(), axis, ignore), abs=2e-6)
+        last = prior_by_hand(by_epoch[e], last, axis, ignore)
+        assert torch.allclose(ols.priors[e].double(), last, atol=1e-6)
+    counted = [sum(1 for b in by_epoch[e] for pi, yi in zip(*rows_last(b['pred'], b['y'], axis)) if yi != ignore and pi.argmax() == yi) for e in range(3)]
+    assert ols.history['n_correct'].tolist() == counted
+    inner = _loss_chain(loss_func)[-1]
+    assert inner.eps == 0.1 and inner.prior == make_loss().prior  # restored: None or 'others'
+    assert all(getattr(o, a) == getattr(_loss_chain(make_loss())[i], a) for i, o in enumerate(_loss_chain(loss_func)) for a in ('eps', 'prior') if a in vars(o))
+
+@pytest.mark.parametrize('mix', [MixUp, CutMix])
+def test_online_mixup_counts_each_sample_under_its_own_label(mix):
+    probe = Batches()
+    ols = OnlineLabelSmoothing(0.5)
+    learn = fit(shaped_learner(LabelSmoothingCrossEntropy(0.1), [ols, probe, mix()], 'image', n_train=128), 2, lr=0.05)
+    mixed = [b for b in probe.seen]
+    assert len(mixed) == 8
+    first = prior_by_hand(mixed[:4])
+    assert torch.allclose(ols.priors[0].double(), first, atol=1e-6)
+    assert torch.allclose(ols.priors[1].double(), prior_by_hand(mixed[4:], first), atol=1e-6)
+
+def test_online_keeps_the_row_of_a_class_without_correct_samples():
+    "Fixed predictions that change after the first epoch: class 2 is right in epoch 0 only, so epoch 1 keeps its row"
+    probs = [torch.tensor([[.7, .2, .1, 0, 0], [.1, .2, .7, 0, 0], [.2, .5, .3, 0, 0]]),
+             torch.tensor([[.6, .3, .1, 0, 0], [.5, .1, .4, 0, 0], [.2, .5, .3, 0, 0]])]
+    labels = torch.tensor([0, 2, 1])
+    class Fixed(nn.Module):
+        def __init__(self): super().__init__(); self.w, self.table = nn.Parameter(torch.zeros(())), probs[0]
+        def forward(self, i): return (self.table[i.long()] + 1e-9).log() + self.w
+    class Switch(Callback):
+        def before_epoch(self): self.learn.model.table = probs[min(self.epoch, 1)]
+    items = list(zip(torch.arange(3), labels))
+    ols = OnlineLabelSmoothing(0.5)
+    learn = Learner(DataLoaders(DataLoader(items, bs=3), DataLoader(items, bs=3)), Fixed(), loss_func=LabelSmoothingCrossEntropy(0.1), cbs=[ols, Switch()])
+    fit(learn, 2, lr=0)
+    first, second = ols.priors
+    assert ols.history[['n_correct', 'n_empty']].values.tolist() == [[3, 2], [2, 3]]
+    assert torch.allclose(first[2], probs[0][1] / probs[0][1].sum() + 0 * first[2], atol=1e-6)  # class 2's one right prediction
+    assert torch.equal(second[2], first[2])  # none in epoch 1: kept
+    assert torch.allclose(second[0], probs[1][0], atol=1e-6) and torch.allclose(second[1], probs[1][2], atol=1e-6)
+    assert torch.allclose(first[3], torch.full((K,), 1 / K)) and torch.equal(second[3], first[3])  # never seen: uniform
+
+def test_online_interrupted_fits_and_restore():
+    probe, ols, loss_func = Batches(), OnlineLabelSmoothing(0.5), LabelSmoothingCrossEntropy(0.1)
+    class StopAt(Callback):
+        "Raise `exc` before training batch 2 of epoch 1"
+        def __init__(self, exc): self.exc = exc
+        def before_batch(self):
+            if self.training and self.epoch == 1 and self.iter == 2: raise self.exc
+    learn = shaped_learner(loss_func, [ols, probe, StopAt(CancelFitException)])
+    fit(learn, 3, lr=0.05)
+    assert len(ols.priors) == 1 and (loss_func.eps, loss_func.prior) == (0.1, None)  # the partial epoch dropped
+    learn.remove_cb(learn.stop_at).add_cb(StopAt(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt): fit(learn, 3, lr=0.05)
+    assert loss_func.eps == 0.5 and torch.equal(loss_func.prior, ols.priors[-1])  # no `after_fit`: until restore or the next fit
+    assert len(ols.priors) == 2
+    learn.remove_cb(learn.stop_at)
+    fit(learn, 1, lr=0.05)  # restores first, drops the partial epoch's sums, starts from the last prior (no warm-up)
+    assert (loss_func.eps, loss_func.prior) == (0.1, None)
+    assert len(ols.priors) == 3 and probe.seen[0]['eps'] == 0.5 and torch.equal(probe.seen[0]['prior'], ols.priors[1])
+    assert torch.allclose(ols.priors[2].double(), prior_by_hand(probe.seen, ols.priors[1]), atol=1e-6)
+    assert ols.history['fit'].tolist() == [0, 1, 2]
+
+def test_online_leaves_prior_alone_outside_training(tmp_path):
+    ols, loss_func = OnlineLabelSmoothing(0.5), LabelSmoothingCrossEntropy(0.1)
+    xt, yt = shaped_data(128, 'flat', 1)
+    dsets = Datasets(list(zip(torch.cat([xt, xt[:64] + 1]), torch.cat([yt, yt[:64]]))), [[ItemGetter(0)], [ItemGetter(1)]], splits=[list(range(128)), list(range(128, 192))])
+    learn = Learner(dsets.dataloaders(bs=32), shaped_model('flat'), loss_func=loss_func, cbs=[ols], path=tmp_path)
+    fit(learn, 2, lr=0.05)
+    prior, history = ols.prior.clone(), ols.history
+    learn.get_preds(); learn.get_preds(ds_idx=0, with_loss=True); learn.validate(); learn.tta(n=1); learn.predict(xt[0])
+    with learn.no_bar(): learn.lr_find(num_it=6, show_plot=False)
+    assert torch.equal(ols.prior, prior) and ols.history.equals(history) and (loss_func.eps, loss_func.prior) == (0.1, None)
+
+def test_online_export_load_and_reset(tmp_path):
+    ols, loss_func = OnlineLabelSmoothing(0.7), LabelSmoothingCrossEntropy(0.1, prior='others')
+    xt, yt = shaped_data(128, 'flat', 1)
+    xv, yv = shaped_data(64, 'flat', 2)
+    dsets = Datasets(list(zip(torch.cat([xt, xv]), torch.cat([yt, yv]))), [[ItemGetter(0)], [ItemGetter(1)]], splits=[list(range(128)), list(range(128, 192))])
+    learn = Learner(dsets.dataloaders(bs=32), shaped_model('flat'), loss_func=loss_func, cbs=[ols], path=tmp_path)
+    fit(learn, 2, lr=0.05)
+    learn.export('ols.pkl')
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        loaded = load_learner(tmp_path/'ols.pkl')
+    assert (loaded.loss_func.eps, loaded.loss_func.prior) == (0.1, 'others')
+    cb = loaded.online_label_smoothing
+    assert torch.equal(cb.prior, ols.prior) and len(cb.history) == 0 and cb.alpha == 0.7
+    probe = Batches()
+    loaded.dls = learn.dls
+    loaded.add_cb(probe)
+    fit(loaded, 1, lr=0.05)  # goes on from the exported prior: no warm-up
+    b = probe.seen[0]
+    assert b['eps'] == pytest.approx(0.3) and torch.equal(b['prior'], ols.prior)
+    assert b['loss'] == pytest.approx(loss_by_hand(b, 0.7, ols.prior.double()), abs=2e-6)
+    cb.reset()
+    assert cb.prior is None and len(cb.history) == 0
+    fit(loaded, 1, lr=0.05)
+    assert probe.seen[0]['eps'] == 0.1 * 0 + 0.1 and probe.seen[0]['prior'] is None  # warm-up again (warmup_eps 0.1)
+
+def test_online_with_entropy_logger():
+    "The EntropyLogger beside it keeps working (it watches against the loss's own settings, read when the fit starts)"
+    learn = fit(shaped_learner(LabelSmoothingCrossEntropy(0.1), [OnlineLabelSmoothing(0.5), EntropyLogger()]), 2, lr=0.05)
+    h = learn.entropy_logger.history
+    assert len(h) == 8 and h.notna().all().all()
+
+def test_online_refusals():
+    for loss, msg in ((LabelSmoothingBCEWithLogitsFlat(), 'is for multiclass losses'), (fl.BCEWithLogitsLossFlat(), 'is multi-label'),
+                      (fl.LabelSmoothingCrossEntropy(), 'the loss must be'), (F.cross_entropy, 'the loss must be')):
+        learn = shaped_learner(loss, [OnlineLabelSmoothing()])
+        with pytest.raises(ValueError, match=msg): fit(learn)
+    with pytest.raises(ValueError, match='`alpha` must be in'): OnlineLabelSmoothing(-0.5)
+    with pytest.raises(ValueError, match='`warmup_eps` must be a number'): OnlineLabelSmoothing(warmup_eps='0.1')
+
+# ---- torch.distributed: two processes, each training on its shard, learn the prior of the whole training set ----
+
+class PaddedShard:
+    "Process `rank`'s share of the items as fastai's `DistributedDL` deals it: padded by repeating the first items, with `n`, `n_padded` and `i`"
+    def __init__(self, x, y, rank, world_size, bs):
+        self.n, self.rank, self.world_size, self.bs = len(x), rank, world_size, bs
+        self.n_padded = -(-self.n // world_size) * world_size
+        idxs = list(range(self.n)); idxs += idxs[:self.n_padded - self.n]
+        per = self.n_padded // world_size
+        self.idxs, self.x, self.y = idxs[rank * per:(rank + 1) * per], x, y
+    def __len__(self): return -(-len(self.idxs) // self.bs)
+    def __iter__(self):
+        self.i = 0
+        for k in range(0, len(self.idxs), self.bs):
+            b = self.idxs[k:k + self.bs]; self.i += len(b)
+            yield self.x[b], self.y[b]
+
+def _run_online(rank=0, world_size=1):
+    "One epoch at lr=0 (the weights as initialised) on this process's shard of 101 items; the learned prior"
+    xt, yt = shaped_data(101, 'flat', 1)
+    with torch.no_grad(): right = (shaped_model('flat')(xt).argmax(1) == yt).nonzero()[0, 0].item()
+    xt, yt = xt.roll(-right, 0), yt.roll(-right, 0)  # item 0, which the padding repeats, is counted: twice would show
+    train = DataLoader(list(zip(xt, yt)), bs=16) if world_size == 1 else PaddedShard(xt, yt, rank, world_size, 16)
+    ols = OnlineLabelSmoothing(0.5)
+    fit(shaped_learner(LabelSmoothingCrossEntropy(0.1), [ols], train_dl=train), 1, lr=0)
+    return ols.prior, ols.history['n_correct'].tolist()
+
+def _ddp_worker(rank, world_size, init_file, out_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=world_size)
+    try: torch.save(_run_online(rank, world_size), Path(out_dir)/f'{rank}.pt')
+    finally: dist.destroy_process_group()
+
+def test_online_distributed_two_processes(tmp_path):
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path/'rendezvous'), str(tmp_path)), nprocs=2, join=True)
+    single_prior, single_counted = _run_online()
+    for rank in (0, 1):
+        prior, counted = torch.load(tmp_path/f'{rank}.pt')
+        assert counted == single_counted and torch.allclose(prior, single_prior, atol=1e-6)
+    assert not dist.is_initialized()
