@@ -1,5 +1,6 @@
 """Property tests that hunt for wrong numbers at the edges: both paths (dense and fused) against a float64 reference on
-random shapes, dtypes, layouts and options, with logits far from 0, masked (-inf) classes and padding (-inf, NaN in
+random shapes, dtypes, layouts and options (priors: uniform, 'others', vectors and K x K matrices, dense or with zeros;
+the fused path's blocks: one or many), with logits far from 0, masked (-inf) classes and padding (-inf, NaN in
 ignored positions); shift invariance; eps=0 is torch's cross-entropy; torch.compile(fullgraph=True)."""
 import pytest, torch, torch.nn.functional as F
 from hypothesis import given, settings, strategies as st, HealthCheck
@@ -9,16 +10,17 @@ from label_smoothing_fa.losses import label_smoothing_cross_entropy, reference_l
 
 INF, NAN = float('inf'), float('nan')
 
-def run(path, x, target, **kw):
-    "Loss and input gradient on one path: 'fused' (whatever the size) or 'dense'"
+def run(path, x, target, block=None, **kw):
+    "Loss and input gradient on one path: 'fused' (whatever the size, `block` logits a block) or 'dense'"
     old, L._DENSE_BELOW = L._DENSE_BELOW, (0 if path == 'fused' else 1 << 62)
+    old_block, L._BLOCK = L._BLOCK, block or L._BLOCK
     try:
         x = x.detach().clone().requires_grad_()
         out = label_smoothing_cross_entropy(x, target, **kw)
         g = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape) if out.ndim else torch.ones(())
         (out * g).sum().backward()
         return out.detach(), x.grad
-    finally: L._DENSE_BELOW = old
+    finally: L._DENSE_BELOW, L._BLOCK = old, old_block
 
 def reference(x, target, **kw):
     "The reference formula in float64, loss and gradient"
@@ -48,9 +50,15 @@ def problems(draw):
     x = (torch.randn(shape, generator=g, dtype=torch.float64) * scale + offset).to(dtype)
     kind = draw(st.sampled_from(['index', 'ignore', 'soft']))
     eps = draw(st.sampled_from([0., 0.1, 0.5, 1.])) if draw(st.booleans()) else draw(st.floats(0, 1))
-    prior = draw(st.sampled_from(['none', 'others', 'tensor', 'sparse'])) if K > 1 else 'none'
-    u = torch.softmax(torch.randn(K, generator=g, dtype=torch.float64), 0)
-    if prior == 'sparse': u = torch.where(torch.arange(K) % 2 == 0, u, 0.); u = u / u.sum()
+    prior = draw(st.sampled_from(['none', 'others', 'tensor', 'sparse', 'matrix', 'sparse matrix'])) if K > 1 else \
+        draw(st.sampled_from(['none', 'matrix']))
+    if 'matrix' in prior:  # a K x K prior: row y for target y
+        u = torch.softmax(torch.randn(K, K, generator=g, dtype=torch.float64) * 2, 1)
+        if prior == 'sparse matrix':  # zeros in every row but the diagonal, where -inf logits stay finite
+            u = torch.where((torch.rand(K, K, generator=g) < 0.5) | torch.eye(K, dtype=torch.bool), u, 0.)
+    else: u = torch.softmax(torch.randn(K, generator=g, dtype=torch.float64), 0)
+    if prior == 'sparse': u = torch.where(torch.arange(K) % 2 == 0, u, 0.)
+    u = u / u.sum(-1, keepdim=True)
     prior = {'none': None, 'others': 'others'}.get(prior, u)
     rshape = rows[:axis] + rows[axis:]
     if kind == 'soft':
@@ -68,6 +76,7 @@ def problems(draw):
         prior_mass = torch.zeros(K, dtype=torch.bool) if eps == 0 else \
             torch.ones(K, dtype=torch.bool) if prior is None else \
             (torch.ones(K, dtype=torch.bool) if isinstance(prior, str) else prior > 0)
+        if prior_mass.ndim == 2: prior_mass = prior_mass[torch.where(target == -100, 0, target)]  # row y's
         if prior == 'others': target_mass = target_mass | True  # 'others' puts mass on every class but one
         masked = ~(target_mass | prior_mass) & (torch.rand(xm.shape, generator=g) < 0.5)
         xm[masked] = -INF
@@ -77,7 +86,8 @@ def problems(draw):
         weight = torch.rand(K, generator=g, dtype=torch.float64) + 0.05
         half = dtype in (torch.float16, torch.bfloat16)  # whose gradients overflow at 65504 (float16)
         weight = weight * draw(st.sampled_from([1., 1e-30] if half else [1., 1e-30, 1e20]))
-    return x, target, dict(eps=eps, weight=weight, prior=prior, axis=axis,
+    block = draw(st.sampled_from([None, None, 1, 8]))  # the fused path's blocks: one or many
+    return x, target, dict(eps=eps, weight=weight, prior=prior, axis=axis, block=block,
                            reduction=draw(st.sampled_from(['mean', 'sum', 'none'])),
                            weight_mode=draw(st.sampled_from(['sample', 'torch', 'fastai'])))
 
@@ -91,8 +101,9 @@ def tolerances(x, ref):
 def test_both_paths_match_float64_reference(problem, path):
     x, target, kw = problem
     xr = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x  # half types compute in float32
+    block = kw.pop('block')
     ref, g_ref = reference(xr, target, **kw)
-    ours, g_ours = run(path, x, target, **kw)
+    ours, g_ours = run(path, x, target, block, **kw)
     rtol, atol = tolerances(x, ref)
     assert_close(ours, ref, rtol, atol)
     assert_close(g_ours, g_ref.to(g_ours.dtype), 1e-2 if x.dtype in (torch.float16, torch.bfloat16) else rtol,

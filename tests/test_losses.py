@@ -47,8 +47,9 @@ def problems(draw):
     else:
         target = torch.randint(0, K, rows, generator=g)
         if kind == 'ignore': target = torch.where(torch.rand(rows, generator=g) < 0.4, -100, target)
-    prior = draw(st.sampled_from(['none', 'others', 'tensor']))
-    prior = {'none': None, 'others': 'others', 'tensor': torch.softmax(torch.randn(K, generator=g, dtype=torch.float64), 0)}[prior]
+    prior = draw(st.sampled_from(['none', 'others', 'tensor', 'matrix']))
+    prior = {'none': None, 'others': 'others', 'tensor': torch.softmax(torch.randn(K, generator=g, dtype=torch.float64), 0),
+             'matrix': torch.softmax(torch.randn(K, K, generator=g, dtype=torch.float64) * 2, 1)}[prior]
     weight = draw(st.sampled_from([None, 'w']))
     weight = None if weight is None else torch.rand(K, generator=g, dtype=torch.float64) + 0.05
     return x, target, dict(eps=draw(st.floats(0, 1)), weight=weight, prior=prior, axis=axis,
@@ -78,6 +79,72 @@ def test_matches_torch_where_the_same(problem):
     xt, tt = x.movedim(kw['axis'], 1), (target.movedim(kw['axis'], 1) if target.dtype.is_floating_point else target)
     ref, g_ref = loss_and_grad(F.cross_entropy, xt, tt, weight=kw['weight'], reduction=kw['reduction'], label_smoothing=kw['eps'])
     close(ours, ref, 1e-7); close(g_ours, g_ref.movedim(1, kw['axis']), 1e-7)
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(problems(), st.booleans())
+def test_matrix_priors_that_are_the_other_priors(problem, fused):
+    "K x K priors: every row 1/K is None, (1 - I)/(K-1) is 'others', every row v is v; eps=0 leaves plain cross-entropy"
+    x, target, kw = problem
+    K = x.shape[kw['axis']]
+    v = torch.softmax(torch.randn(K, dtype=torch.float64), 0)
+    P = torch.softmax(torch.randn(K, K, dtype=torch.float64), 1)
+    pairs = [(torch.full((K, K), 1 / K, dtype=torch.float64), None), ((1 - torch.eye(K, dtype=torch.float64)) / (K - 1), 'others'),
+             (torch.ones(K, 1) * v, v)]
+    old, L._DENSE_BELOW = L._DENSE_BELOW, (0 if fused else 1 << 16)
+    try:
+        for matrix, same in pairs:
+            a, ga = loss_and_grad(label_smoothing_cross_entropy, x, target, **{**kw, 'prior': matrix})
+            b, gb = loss_and_grad(label_smoothing_cross_entropy, x, target, **{**kw, 'prior': same})
+            close(a, b, 1e-10); close(ga, gb, 1e-10)
+        a, ga = loss_and_grad(label_smoothing_cross_entropy, x, target, **{**kw, 'prior': P, 'eps': 0.})
+        b, gb = loss_and_grad(label_smoothing_cross_entropy, x, target, **{**kw, 'prior': None, 'eps': 0.})
+        close(a, b, 1e-10); close(ga, gb, 1e-10)
+    finally: L._DENSE_BELOW = old
+
+def test_online_label_smoothing_is_a_matrix_prior(path):
+    "alpha CE(y) + (1 - alpha) CE(P[y]), online label smoothing's loss, is ours with eps = 1 - alpha and prior = P"
+    torch.manual_seed(0)
+    x, y, P = torch.randn(40, 5) * 2, torch.randint(0, 5, (40,)), torch.softmax(torch.randn(5, 5) * 3, 1)
+    for alpha in (0., 0.5, 0.9, 1.):
+        xs = [x.clone().requires_grad_() for _ in range(2)]
+        ols = alpha * F.cross_entropy(xs[0], y) - (1 - alpha) * (P[y] * F.log_softmax(xs[0], 1)).sum(1).mean()
+        ours = label_smoothing_cross_entropy(xs[1], y, 1 - alpha, prior=P)
+        ols.backward(); ours.backward()
+        close(ours, ols); close(xs[1].grad, xs[0].grad, 1e-6)
+
+@pytest.mark.parametrize('shape, axis', [((600, 500), 1), ((3, 200, 500), -1), ((2, 5, 200, 300), 1)])
+def test_matrix_prior_over_several_blocks(shape, axis, path):
+    "Inputs larger than a block: loss and gradient of a K x K prior (with zeros) against the float64 reference"
+    torch.manual_seed(0)
+    K = shape[axis]
+    P = torch.softmax(torch.randn(K, K) * 3, 1) * (torch.rand(K, K) < 0.5) + torch.eye(K) * 0.01
+    P = P / P.sum(1, keepdim=True)
+    x = torch.randn(shape) * 3
+    y = torch.randint(0, K, shape[:axis % len(shape)] + shape[axis % len(shape) + 1:])
+    y.view(-1)[:7] = -100
+    soft = torch.softmax(torch.randn(shape) * 2, axis)
+    w = torch.rand(K) + 0.1
+    for target, kw in ((y, {}), (soft, {}), (y, dict(weight=w, weight_mode='torch')), (soft, dict(weight=w, weight_mode='fastai'))):
+        ours, g_ours = loss_and_grad(label_smoothing_cross_entropy, x, target, eps=0.3, prior=P, axis=axis, **kw)
+        tgt = target.double() if target.dtype.is_floating_point else target
+        kw = {k: (t.double() if isinstance(t, torch.Tensor) else t) for k, t in kw.items()}
+        ref, g_ref = loss_and_grad(reference_label_smoothing_cross_entropy, x.double(), tgt, eps=0.3, prior=P.double(), axis=axis, **kw)
+        close(ours, ref, 1e-5); close(g_ours, g_ref, 1e-7)
+
+def test_matrix_prior_gradient():
+    "A K x K prior that requires grad gets the reference's gradient, for index and soft targets and every weight mode"
+    torch.manual_seed(0)
+    x = torch.randn(7, 4, dtype=torch.float64)
+    y, soft = torch.tensor([0, 3, -100, 1, 2, 2, 0]), torch.softmax(torch.randn(7, 4, dtype=torch.float64), 1)
+    P, w = torch.softmax(torch.randn(4, 4, dtype=torch.float64), 1), torch.rand(4, dtype=torch.float64) + 0.1
+    for target in (y, soft):
+        for mode in ('sample', 'torch', 'fastai'):
+            grads = []
+            for f in (label_smoothing_cross_entropy, reference_label_smoothing_cross_entropy):
+                Pi = P.clone().requires_grad_()
+                f(x, target, 0.3, w, prior=Pi, weight_mode=mode).backward()
+                grads.append(Pi.grad)
+            close(grads[0], grads[1], 1e-12)
 
 @settings(max_examples=60, deadline=None)
 @given(st.integers(1, 64), st.integers(2, 50), st.floats(0, 1), st.sampled_from(['mean', 'sum', 'none']),
@@ -146,6 +213,10 @@ def test_all_ignored_is_zero(path):
     (dict(eps=1.1), '`eps` must be in'), (dict(eps=-0.01), '`eps` must be in'),
     (dict(prior=torch.tensor([.5, .5])), '`prior` has 2 values'), (dict(prior=torch.tensor([.5, .6, -.1])), '`prior` must be finite and non-negative'),
     (dict(prior=torch.tensor([.5, .2, .2])), '`prior` must sum to 1'), (dict(prior='rest'), '`prior` must be None'),
+    (dict(prior=torch.ones(3, 2) / 2), r'must be square, .* got shape \(3, 2\)'), (dict(prior=torch.eye(2)), '`prior` is 2 x 2 but the input has 3'),
+    (dict(prior=torch.tensor([[1., 0, 0], [0, .5, .4], [0, 0, 1]])), 'row 1 sums to 0.900000'),
+    (dict(prior=torch.tensor([[1., 0, 0], [0, 1, 0], [0, float('inf'), 1]])), 'got inf in row 2, column 1'),
+    (dict(prior=torch.ones(3, 3, 3) / 3), 'or a K x K matrix of them'),
     (dict(weight=torch.ones(4)), '`weight` has 4 values'), (dict(weight=torch.tensor([1., -1., 1.])), '`weight` must be finite'),
     (dict(weight=torch.ones(3, 1)), '`weight` must be a 1-D'),
     (dict(reduction='avg'), '`reduction` must be one of'), (dict(weight_mode='keras'), '`weight_mode` must be one of')])
@@ -193,6 +264,11 @@ def test_module_attributes_and_buffers():
     close(lf2(x, y), label_smoothing_cross_entropy(x, y, 0.2, w, prior='others'))
     flat2 = pickle.loads(pickle.dumps(LabelSmoothingCrossEntropyFlat(0.2)))
     close(flat2(x, y), label_smoothing_cross_entropy(x, y, 0.2))
+    P = torch.softmax(torch.randn(3, 3), 1)
+    lf3 = pickle.loads(pickle.dumps(LabelSmoothingCrossEntropy(0.2, w, prior=P, weight_mode='torch')))
+    assert set(lf3.state_dict()) == {'weight', 'prior'} and 'prior=tensor(3 x 3)' in repr(lf3)
+    close(lf3(x, y), label_smoothing_cross_entropy(x, y, 0.2, w, prior=P, weight_mode='torch'))
+    assert lf3.to('meta').prior.device.type == 'meta'
 
 def test_flat_matches_fastai_flat():
     torch.manual_seed(0)
