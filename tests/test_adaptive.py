@@ -226,6 +226,10 @@ def test_export_and_load(tmp_path):
         loaded = load_learner(tmp_path/'sched.pkl')
     assert loaded.loss_func.eps == 0.1 and len(loaded.eps_scheduler.history) == 0
     assert loaded.eps_scheduler.sched(0.3) == sched(0.3)
+    learn.remove_cb(learn.eps_scheduler).add_cb(EpsScheduler(lambda p: 0.3 * p)).export('lambda.pkl')  # cloudpickle
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        assert load_learner(tmp_path/'lambda.pkl').eps_scheduler.sched(0.5) == 0.15
     cb = pickle.loads(pickle.dumps(EpsScheduler(SchedLin(0.2, 0.))))
     assert cb.sched(0.5) == 0.1 and len(cb.history) == 0
 
@@ -439,6 +443,16 @@ def test_online_export_load_and_reset(tmp_path):
     assert cb.prior is None and len(cb.history) == 0
     fit(loaded, 1, lr=0.05)
     assert probe.seen[0]['eps'] == 0.1 * 0 + 0.1 and probe.seen[0]['prior'] is None  # warm-up again (warmup_eps 0.1)
+
+def test_online_compiled_loss():
+    "Through torch.compile's wrapper: the learned prior reaches the compiled loss, and is restored"
+    probe, ols, loss = Batches(), OnlineLabelSmoothing(0.5), LabelSmoothingCrossEntropy(0.1)
+    fit(shaped_learner(torch.compile(loss), [ols, probe]), 2, lr=0.05)
+    assert torch.allclose(ols.priors[0].double(), prior_by_hand(probe.seen[:4]), atol=1e-6)
+    for b in probe.seen[4:]:
+        assert torch.equal(b['prior'], ols.priors[0])
+        assert b['loss'] == pytest.approx(loss_by_hand(b, 0.5, ols.priors[0].double()), abs=2e-6)
+    assert (loss.eps, loss.prior) == (0.1, None)
 
 def test_online_with_entropy_logger():
     "The EntropyLogger beside it keeps working (it watches against the loss's own settings, read when the fit starts)"
