@@ -15,7 +15,7 @@ from .losses import LabelSmoothingCrossEntropy, _check_eps, _check_prior, _f32
 from .multilabel import LabelSmoothingBCEWithLogits, _per_label
 
 # %% auto #0
-__all__ = ['EntropyLogger']
+__all__ = ['adaptive_ece', 'classwise_ece', 'aurc', 'fit_temperature', 'EntropyLogger']
 
 # %% ../nbs/01_callbacks.ipynb #5821a0c7
 # BaseLoss; torch.compile: module, function
@@ -31,15 +31,20 @@ def _loss_chain(loss_func) -> list:
         chain.append(inner)
     return chain
 
+def _smoothing_of(func) -> tuple:
+    "The `(eps, prior)` the innermost loss `func` holds now, unchecked; `None` for what it has not"
+    ls_losses = (LabelSmoothingCrossEntropy, fastai.losses.LabelSmoothingCrossEntropy)
+    if isinstance(func, ls_losses): eps = func.eps
+    else: eps = getattr(func, 'label_smoothing', 0.) or None  # torch's `nn.CrossEntropyLoss`
+    return eps, func.prior if isinstance(func, LabelSmoothingCrossEntropy) else None
+
 def _loss_settings(loss_func, eps=None, prior=None):
     "`(eps, prior, class axis, ignore_index)`: given ones, else the loss's, else 0.1, uniform"
     chain = _loss_chain(loss_func)
     func = chain[-1]
-    if eps is None:
-        ls_losses = (LabelSmoothingCrossEntropy, fastai.losses.LabelSmoothingCrossEntropy)
-        if isinstance(func, ls_losses): eps = func.eps
-        else: eps = getattr(func, 'label_smoothing', 0.) or 0.1  # torch's `nn.CrossEntropyLoss`
-    if prior is None and isinstance(func, LabelSmoothingCrossEntropy): prior = func.prior
+    loss_eps, loss_prior = _smoothing_of(func)
+    if eps is None: eps = 0.1 if loss_eps is None else loss_eps
+    if prior is None: prior = loss_prior
     # the outermost's: fastai's Flat losses have one
     axis = next((o.axis for o in chain if hasattr(o, 'axis')), 1)
     return _check_eps(eps), _check_prior(prior), axis, getattr(func, 'ignore_index', -100)
@@ -56,12 +61,17 @@ def _check_label_prior(prior):
     checked = _per_label('prior', prior, torch.as_tensor(prior).float(), at_most=1.)
     return checked if checked.ndim else float(prior)
 
+def _label_smoothing_of(func) -> tuple:
+    "The multi-label `(eps, prior)` the innermost loss `func` holds now; `None` for what it has not"
+    return (func.eps, func.prior) if isinstance(func, LabelSmoothingBCEWithLogits) else (None, None)
+
 def _multilabel_settings(loss_func, eps=None, prior=None):
     "Multi-label `(eps, prior, label axis, ignore_index)`: given ones, else the loss's, or 0.1, 0.5"
     func = _loss_chain(loss_func)[-1]
+    loss_eps, loss_prior = _label_smoothing_of(func)
+    if eps is None: eps = 0.1 if loss_eps is None else loss_eps
+    if prior is None: prior = loss_prior
     ours = isinstance(func, LabelSmoothingBCEWithLogits)
-    if eps is None: eps = func.eps if ours else 0.1
-    if prior is None and ours: prior = func.prior
     ignore = func.ignore_index if ours else None
     return _check_eps(eps), _check_label_prior(prior), 1, -100 if ignore is None else ignore
 
@@ -72,18 +82,21 @@ def _target_entropy(n_classes:int, eps:float, prior=None) -> Tensor:
     if prior == 'others':
         minus_h = xlogy(torch.tensor(1. - eps)) + (K - 1) * xlogy(torch.tensor(eps / (K - 1)))
         return -minus_h.expand(K)
-    a = eps * (torch.full((K,), 1 / K) if prior is None else prior)
-    return -xlogy(a).sum() + xlogy(a) - xlogy(a + 1 - eps)
+    u = torch.full((K,), 1 / K) if prior is None else prior
+    a = eps * (u if u.ndim == 2 else u.expand(K, K))  # row y: eps times class y's prior
+    a_yy = a.diagonal()
+    return -xlogy(a).sum(1) + xlogy(a_yy) - xlogy(a_yy + 1 - eps)
 
 # %% ../nbs/01_callbacks.ipynb #3b935389
 # the history's quantities
 _logged = ('smooth_ce', 'target_entropy', 'kl', 'entropy', 'confidence', 'nll')
 _recorded = ('smooth_ce', 'kl', 'entropy', 'confidence', 'ece')  # the Recorder's columns
+_calibration = ('ace', 'cw_ece', 'temperature', 'aurc')  # and with `calibration=True`
 # buffered prediction values (16 MB in float32) at which the callback computes its batches
 _FLUSH_AT = 1 << 22
 
 def _stat_consts(n_classes:int, eps:float, prior=None, device=None) -> tuple:
-    "The prior as a vector (`None` when uniform) and H(q') per class, on `device`"
+    "The prior as a vector or K x K (`None` when uniform) and H(q') per class, on `device`"
     v = prior.float() if isinstance(prior, Tensor) else None
     floor = _target_entropy(n_classes, eps, prior)
     return tuple(t if t is None else t.to(device) for t in (v, floor))
@@ -94,20 +107,27 @@ def _labels(y:Tensor, pred:Tensor, axis:int) -> Tensor:
     if y.dtype.is_floating_point and y.shape == pred.shape: y = y.argmax(axis)
     return y.reshape(-1).long()
 
-def _calibration_bins(conf:Tensor, correct:Tensor, bounds:Tensor,
-                      kept:Tensor|None=None) -> Tensor:
-    "(count, sum of confidence, sum of accuracy) of the `kept` rows per bin of `bounds`"
+def _check_positions(n_target:int, n_pred:int, pred:Tensor, axis:int):
+    "Refuse a target whose positions do not match the prediction's"
+    if n_target != n_pred:
+        raise ValueError(f"the target has {n_target} positions, the prediction {n_pred} "
+                         f"(shape {tuple(pred.shape)}, class axis {axis})")
+
+def _calibration_bins(conf:Tensor, correct:Tensor, bounds:Tensor, kept:Tensor|None=None,
+                      group:Tensor|None=None, n_groups:int=1) -> Tensor:
+    "(count, sum of confidence, sum of accuracy) of the `kept` rows per bin of `bounds` (per group)"
     # torchmetrics' bins: [lo, hi), and a confidence of 1.0 on its own
     kept = torch.ones_like(conf) if kept is None else kept
     # NaN predictions: in no bin
     kept, conf = kept.masked_fill(conf.isnan(), 0), conf.nan_to_num(0.)
     idx = torch.bucketize(conf, bounds, right=True) - 1
-    bins = torch.zeros(len(bounds), 3, dtype=torch.float64, device=conf.device)
+    if group is not None: idx += group * len(bounds)  # group g's bins from g * len(bounds) on
+    bins = torch.zeros(n_groups * len(bounds), 3, dtype=torch.float64, device=conf.device)
     return bins.index_add_(0, idx, torch.stack([kept, conf * kept, correct * kept], 1).double())
 
 def _batch_stats(
     pred:Tensor, y:Tensor,
-    consts:tuple, # (prior, H(q')); may hold one prior and H(q') row per position
+    consts:tuple, # (prior, H(q') per class); or one prior and H(q') row per position
     axis:int, ignore_index:int,
     bounds:Tensor|None=None, # the bins' bounds: also (count, confidence, accuracy) per bin
     items:list|None=None, # the batches' sizes on dim 0; default one batch
@@ -124,15 +144,16 @@ def _batch_stats(
         lp = lp.movedim(axis, -1).reshape(-1, K)
         if bounds is not None: p = p.movedim(axis, -1).reshape(-1, K)
     y = _labels(y, pred, axis)
-    if len(y) != len(lp):
-        raise ValueError(f"the target has {len(y)} positions, the prediction {len(lp)} "
-                         f"(shape {tuple(pred.shape)}, class axis {axis})")
+    _check_positions(len(y), len(lp), pred, axis)
     ign = y == ignore_index
     yi = y.masked_fill(ign, 0)
     if bounds is None: p, conf = lp.exp(), lp.amax(1).exp_()
     else: conf, cls = p.max(1)
     lp_y = lp.gather(1, yi.unsqueeze(1)).squeeze(1)
-    lp_u = lp.mean(1) if v is None else lp @ v if v.ndim == 1 else (lp * v).sum(1)  # <u, log p>
+    # <u, log p>: u the prior; a K x K prior's row y (H(q') per class); a row per position
+    if v is None: lp_u = lp.mean(1)
+    elif v.ndim == 1: lp_u = lp @ v
+    else: lp_u = (lp * (v[yi] if Hq.ndim == 1 else v)).sum(1)
     hq = Hq.take(yi) if Hq.ndim == 1 else Hq.gather(1, yi.unsqueeze(1)).squeeze(1)
     columns = [lp_y, lp_u, torch.special.entr(p).sum(1), conf, hq, torch.ones_like(conf)]
     rows = torch.stack(columns, 1).masked_fill_(ign.unsqueeze(1), 0)
@@ -184,6 +205,186 @@ def _binary_view(pred:Tensor, y:Tensor, eps:float, prior=None, ignore_index:int=
     v = None if prior is None else torch.stack([1 - u, u], -1).reshape(-1, 2)
     return torch.stack([torch.zeros_like(x), x], -1), lab, (v, floor)
 
+# %% ../nbs/01_callbacks.ipynb #1d5d70e5
+def _kept_rows(pred:Tensor, y:Tensor, axis:int, ignore_index:int) -> tuple:
+    "`(rows, labels)` of the kept positions: the scores with the classes last `(M, K)`, float32"
+    x = _f32(pred.detach().as_subclass(Tensor))
+    rows, labels = x.movedim(axis, -1).reshape(-1, x.shape[axis]), _labels(y, pred, axis)
+    _check_positions(len(labels), len(rows), pred, axis)
+    kept = labels != ignore_index
+    return rows[kept], labels[kept]
+
+def _label_columns(x:Tensor) -> Tensor:
+    "The label (index on axis 1) of each of `x`'s entries, in memory order"
+    if x.ndim < 2: return torch.zeros(x.numel(), dtype=torch.long, device=x.device)
+    labels = torch.arange(x.shape[1], device=x.device).view(1, -1, *[1] * (x.ndim - 2))
+    return labels.expand(x.shape).reshape(-1)
+
+def _label_rows(scores:Tensor, y:Tensor, ignore_index:int, logits:bool) -> tuple:
+    "Kept (item, label) entries as two-class rows, (0, x) or (1 - p, p); labels 0/1; label index"
+    s = _f32(scores.detach().as_subclass(Tensor))
+    y = y.as_subclass(Tensor)
+    if y.shape != s.shape:
+        raise ValueError(f"multi-label targets must have the scores' shape {tuple(s.shape)}, "
+                         f"got {tuple(y.shape)}")
+    s, y, kept = s.reshape(-1), y.reshape(-1), y.reshape(-1) != ignore_index
+    rows = torch.stack([torch.zeros_like(s), s] if logits else [1 - s, s], 1)
+    return rows[kept], (y > 0.5).long()[kept], _label_columns(scores)[kept]
+
+def _samples(scores:Tensor, targets:Tensor, axis:int=1, ignore_index:int=-100,
+             multilabel:bool=False, logits:bool=False) -> tuple:
+    "`(rows, labels, label index or None)` of the kept positions, as the public metrics take them"
+    if multilabel: return _label_rows(scores, targets, ignore_index, logits)
+    return *_kept_rows(scores, targets, axis, ignore_index), None
+
+def _probabilities(logit_rows:Tensor, multilabel:bool) -> Tensor:
+    "The rows' probabilities as `get_preds` gives them: softmax; multi-label (1 - p, p), p = σ(x)"
+    if not multilabel: return logit_rows.softmax(1)
+    p = logit_rows[:, 1].sigmoid()
+    return torch.stack([1 - p, p], 1)
+
+def _top_label(probs:Tensor, labels:Tensor) -> tuple:
+    "Each row's confidence (max p, float64) and whether its top class (the first on ties) is right"
+    conf, top = probs.max(1)
+    return conf.double(), (top == labels).double()
+
+
+# %% ../nbs/01_callbacks.ipynb #ced6d5a0
+def _check_positive_int(name:str, n) -> int:
+    "`n`, if it is a positive integer"
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"`{name}` must be a positive integer, got {n!r}")
+    return n
+
+_NAN = float('nan')
+
+def _adaptive_ece(conf:Tensor, correct:Tensor, n_bins:int) -> float|None:
+    "ACE: rows sorted by confidence (stable), `n_bins` bins of equal count as `np.array_split`"
+    n = len(conf)
+    if n == 0: return None
+    if conf.isnan().any(): return _NAN
+    conf, order = conf.sort(stable=True)
+    sizes = torch.full((n_bins,), n // n_bins, device=conf.device)
+    sizes[:n % n_bins] += 1  # the first bins get one more, as `np.array_split` gives them
+    bin_of = torch.arange(n_bins, device=conf.device).repeat_interleave(sizes)
+    gaps = conf.new_zeros(n_bins).index_add_(0, bin_of, correct[order] - conf)
+    return (gaps.abs().sum() / n).item()
+
+def adaptive_ece(
+    probs:Tensor, # probabilities as `get_preds` returns them, classes on `axis` (multi-label: p)
+    targets:Tensor, # class indices, or targets shaped like `probs` (argmax); multi-label: 0/1
+    n_bins:int=15, # bins of equal count
+    axis:int=1, # the class axis of `probs`
+    ignore_index:int=-100, # the target of positions left out
+    multilabel:bool=False, # each (item, label) entry is a two-class sample (1 - p, p)
+) -> float|None: # `None` without samples; NaN if a kept prediction is NaN
+    "Adaptive ECE: bins of equal count by confidence, |accuracy - confidence| weighted by size"
+    rows, labels, _ = _samples(probs, targets, axis, ignore_index, multilabel)
+    return _adaptive_ece(*_top_label(rows, labels), _check_positive_int('n_bins', n_bins))
+
+
+# %% ../nbs/01_callbacks.ipynb #d05e9766
+def _classwise_ece(probs:Tensor, labels:Tensor, n_bins:int, columns:Tensor|None=None):
+    "Mean over the classes of the equal-width ECE of p_k against [y = k]; multi-label: per label"
+    if len(labels) == 0: return None
+    if probs.isnan().any(): return _NAN
+    if columns is None:  # every row is a sample of every class
+        n_classes = probs.shape[1]
+        classes = torch.arange(n_classes, device=probs.device)
+        p, hit = probs.reshape(-1), (labels[:, None] == classes).reshape(-1)
+        group = classes.repeat(len(probs))
+    else:  # a row is one label's entry: p(positive) against the label
+        p, hit, group, n_classes = probs[:, 1], labels == 1, columns, int(columns.max()) + 1
+    bounds = torch.linspace(0, 1, n_bins + 1, device=p.device)
+    bins = _calibration_bins(p, hit.to(p.dtype), bounds, group=group, n_groups=n_classes)
+    bins = bins.view(n_classes, n_bins + 1, 3)
+    count, gap = bins[..., 0].sum(1), (bins[..., 2] - bins[..., 1]).abs().sum(1)
+    has = count > 0  # multi-label: a label whose entries are all ignored has none
+    return (gap[has] / count[has]).mean().item()
+
+def classwise_ece(
+    probs:Tensor, # probabilities as `get_preds` returns them, classes on `axis` (multi-label: p)
+    targets:Tensor, # class indices, or targets shaped like `probs` (argmax); multi-label: 0/1
+    n_bins:int=15, # equal-width bins of p_k
+    axis:int=1, # the class axis of `probs`
+    ignore_index:int=-100, # the target of positions left out
+    multilabel:bool=False, # per label: its p against its 0/1 target, over its kept entries
+) -> float|None: # `None` without samples; NaN if a kept prediction is NaN
+    "Classwise ECE: per class, equal-width bins of p_k against [y = k]; the mean over classes"
+    rows, labels, columns = _samples(probs, targets, axis, ignore_index, multilabel)
+    return _classwise_ece(rows, labels, _check_positive_int('n_bins', n_bins), columns)
+
+
+# %% ../nbs/01_callbacks.ipynb #eb06fc7a
+def _aurc(conf:Tensor, correct:Tensor) -> float|None:
+    "Area under the risk-coverage curve: mean over k of the error rate of the k most confident"
+    n = len(conf)
+    if n == 0: return None
+    if conf.isnan().any(): return _NAN
+    order = conf.argsort(descending=True, stable=True)  # ties: in the samples' order
+    errors = (1 - correct[order]).cumsum(0)
+    return (errors / torch.arange(1, n + 1, device=conf.device)).mean().item()
+
+def aurc(
+    probs:Tensor, # probabilities as `get_preds` returns them, classes on `axis` (multi-label: p)
+    targets:Tensor, # class indices, or targets shaped like `probs` (argmax); multi-label: 0/1
+    axis:int=1, # the class axis of `probs`
+    ignore_index:int=-100, # the target of positions left out
+    multilabel:bool=False, # each (item, label) entry is a two-class sample (1 - p, p)
+) -> float|None: # `None` without samples; NaN if a kept prediction is NaN
+    "Area under the risk-coverage curve: the mean error rate of the k most confident, k = 1..N"
+    rows, labels, _ = _samples(probs, targets, axis, ignore_index, multilabel)
+    return _aurc(*_top_label(rows, labels))
+
+
+# %% ../nbs/01_callbacks.ipynb #68e20af9
+def _nll_slope(z:Tensor, z_y:Tensor, beta:float) -> float:
+    "d/dβ of the mean NLL of softmax(β z): mean(E_p[z] - z_y); -inf logits (masked classes) add 0"
+    p = (beta * z).softmax(1)
+    return (torch.where(p > 0, p * z, 0.).sum(1) - z_y).mean().item()
+
+def _fit_temperature(logits:Tensor, labels:Tensor, rtol:float=1e-4) -> float|None:
+    "The T > 0 minimising the mean NLL of softmax(logits / T): bisection on the slope over log T"
+    if len(labels) == 0: return None
+    z = logits.double()
+    z_y = z.gather(1, labels[:, None]).squeeze(1)
+    # the NLL is NaN, or infinite at every T
+    if z.isnan().any() or (z == float('inf')).any() or (z_y == -float('inf')).any(): return _NAN
+    top, finite = z.amax(1), z > -float('inf')
+    if (z_y == top).all():  # every label has the largest logit: the NLL falls as T -> 0
+        constant = torch.where(finite, z, top[:, None]) == top[:, None]
+        return _NAN if constant.all() else 0.  # constant rows: the NLL does not depend on T
+    # as T -> inf (β -> 0) the slope tends to mean(mean z - z_y) over the finite logits
+    mean_z = torch.where(finite, z, 0.).sum(1) / finite.sum(1)
+    if (mean_z - z_y).mean() >= 0: return float('inf')  # the NLL falls as T grows
+    # the slope rises with β = 1/T (the NLL is convex in β) from < 0 to mean(max z - z_y) > 0
+    lo = hi = 1.
+    for _ in range(64):
+        if _nll_slope(z, z_y, lo) < 0: break
+        lo /= 2
+    else: return float('inf')  # T > 2**64
+    for _ in range(64):
+        if _nll_slope(z, z_y, hi) > 0: break
+        hi *= 2
+    else: return 0.  # T < 2**-64
+    while hi / lo > 1 + rtol:
+        mid = (lo * hi) ** 0.5
+        if _nll_slope(z, z_y, mid) < 0: lo = mid
+        else: hi = mid
+    return 1 / (lo * hi) ** 0.5
+
+def fit_temperature(
+    logits:Tensor, # logits (or log-probabilities), classes on `axis` (multi-label: per label)
+    targets:Tensor, # class indices, or targets shaped like `logits` (argmax); multi-label: 0/1
+    axis:int=1, # the class axis of `logits`
+    ignore_index:int=-100, # the target of positions left out
+    multilabel:bool=False, # each (item, label) entry: sigmoid(x / T)
+) -> float|None: # 0 or inf at the ends; NaN if undefined; `None` without samples
+    "The temperature T > 0 minimising the NLL of softmax(logits / T), to a relative 1e-4"
+    rows, labels, _ = _samples(logits, targets, axis, ignore_index, multilabel, logits=True)
+    return _fit_temperature(rows, labels)
+
+
 # %% ../nbs/01_callbacks.ipynb #d8631627
 def _n_real(dl, bs:int) -> int:
     "Items of `dl`'s batch just loaded that are not `DistributedDL` padding (shard-evening repeats)"
@@ -193,13 +394,39 @@ def _n_real(dl, bs:int) -> int:
     start = dl.rank * dl.n_padded // dl.world_size + dl.i - bs
     return max(0, min(bs, dl.n - start))
 
+def _distributed() -> bool:
+    "Whether there is a default torch.distributed group of more than one process"
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
 def _all_reduce(t:Tensor) -> Tensor:
     "`t` summed over the processes of the default torch.distributed group, if there is one"
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t)
+    if _distributed(): dist.all_reduce(t)
     return t
 
+def _all_gather(t:Tensor) -> Tensor:
+    "`t` of every process joined on dim 0, rank 0's first; sizes may differ, and be 0 (or `(0, 0)`)"
+    if not _distributed(): return t
+    world = dist.get_world_size()
+    shape = torch.tensor(t.shape, device=t.device)
+    shapes = [torch.empty_like(shape) for _ in range(world)]
+    dist.all_gather(shapes, shape)
+    padded = t.new_zeros(torch.stack(shapes).amax(0).tolist())  # the largest of each dim
+    padded[tuple(slice(0, n) for n in t.shape)] = t
+    gathered = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(gathered, padded)
+    return torch.cat([g[:n] for g, (n, *_) in zip(gathered, torch.stack(shapes).tolist())])
+
 # %% ../nbs/01_callbacks.ipynb #cc3ca8ad
+def _setting(v) -> tuple:
+    "A setting as `_same` compares it: a tensor with its in-place version, the rest as it is"
+    return v, v._version if isinstance(v, Tensor) else None
+
+def _same(a:tuple|None, b:tuple|None) -> bool:
+    "Whether two `_setting`s are one: tensors by identity and version, the rest by value"
+    if a is None or b is None: return False
+    if isinstance(a[0], Tensor) or isinstance(b[0], Tensor): return a[0] is b[0] and a[1] == b[1]
+    return a == b
+
 class _EpochValue(Metric):
     "A `Recorder` column: the `EntropyLogger`'s value of `name` for the epoch"
     def __init__(self, logger, name): self.logger, self._name = logger, name
@@ -211,36 +438,48 @@ class _EpochValue(Metric):
 class EntropyLogger(Callback):
     "Log the smoothed target's cross-entropy with predictions, its floor, entropy, confidence, ECE"
     order, remove_on_fetch = -5, True  # before `MixUp` (unmixed labels), `Recorder` (our columns)
-    _stateattrs = ('_rows', '_row_means', '_at', '_vrows', '_bins', '_vsum', '_vbins', '_now',
-                   '_cache', '_values', '_tbuf', '_vbuf', '_fit')
+    _stateattrs = ('_train_sums', '_train_means', '_train_ids', '_valid_records',
+                   '_reliability_bins', '_valid_sums', '_valid_bins', '_batch_state', '_constants',
+                   '_valid_values', '_train_pending', '_valid_pending', '_fit_number',
+                   '_valid_samples', '_train_eps')
     def __init__(self,
-        eps:float|None=None, # smoothing of q'; `None`: the loss's (`eps`/`label_smoothing`) or 0.1
-        prior:str|Tensor|None=None, # `None`: the loss's or uniform; 'others'; or K probabilities
+        eps:float|None=None, # smoothing of q'; `None`: the loss's at each batch, or 0.1
+        prior:str|Tensor|None=None, # `None`: the loss's, or uniform; 'others'; K or K x K probs
         n_bins:int=15, # equal-width confidence bins of the ECE
         every:int=1, # log every `every`-th training batch in the history
         multilabel:bool|None=None, # independent labels (sigmoid); `None`: is the loss multi-label
+        calibration:bool=False, # `ace`, `cw_ece`, `temperature`, `aurc` too: keeps valid logits
     ):
         super().__init__()
-        for name, n in (('n_bins', n_bins), ('every', every)):
-            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-                raise ValueError(f"`{name}` must be a positive integer, got {n!r}")
+        _check_positive_int('n_bins', n_bins); _check_positive_int('every', every)
         # per-label: `multilabel=True`
         prior = _check_label_prior(prior) if multilabel else _check_prior(prior)
         self.eps, self.prior = None if eps is None else _check_eps(eps), prior
-        store_attr('n_bins,every,multilabel')
+        store_attr('n_bins,every,multilabel,calibration')
+        self._told_eps = None  # `set_eps`'s
         self._init_state()
 
     def _init_state(self):
         "Empty history and buffers: when created, reset, and unpickled (they are not pickled)"
-        self._rows, self._row_means, self._at, self._vrows, self._bins = [], [], [], [], None
-        self._cache, self._values, self._fit = None, {}, -1
-        self._valid, self._vsum, self._vbins, self._new_fit = False, None, None, False
+        # the history: per logged training batch its sums, means and (fit, iter, epoch);
+        # per validation epoch a dict of its values
+        self._train_sums, self._train_means, self._train_ids, self._valid_records = [], [], [], []
+        self._train_eps = []  # each logged training batch's eps
+        # the last validation's bins over all processes; this epoch's sums and bins in this one
+        self._reliability_bins, self._valid_sums, self._valid_bins = None, None, None
+        # (K, device, consts, bounds) as `_consts` computed them; the Recorder's validation values
+        self._constants, self._valid_values, self._fit_number = None, {}, -1
+        self._validating, self._new_fit = False, False
         self._mean_args = (0.1, 0)
         self._multilabel = False
-        # the batch's labels, has it a prediction, the training batches of all fits, values buffered
-        self._now = dict(yb=(), fresh=False, iter=0, buffered=0)
+        # the eps and prior in force, as read (`_setting`): they tell when they change
+        self._eps_setting = self._prior_setting = None
+        # the batch's labels, has it a prediction, the training batches of all fits, values pending
+        self._batch_state = dict(labels=(), predicted=False, train_iter=0, pending_values=0)
         # (prediction, labels) of batches not computed yet: training, validation
-        self._tbuf, self._vbuf = [], []
+        self._train_pending, self._valid_pending = [], []
+        # `calibration`: (logit rows, labels, label index or None) of the kept validation positions
+        self._valid_samples = []
 
     def reset(self):
         "Forget the history of all fits so far"
@@ -254,136 +493,209 @@ class EntropyLogger(Callback):
     def before_fit(self):
         "Loss settings; our columns into `learn.metrics`; off in `get_preds`, `validate`, `lr_find`"
         self.run = not (hasattr(self.learn, 'lr_finder') or self._predicting())
-        self._values = {}  # our columns are `None` until computed on the data being validated
+        self._valid_values = {}  # our columns are `None` until computed on the data being validated
         if not self.run: return
+        self._flush()  # an interrupted fit's last batches, with its settings
         ml = self.multilabel
         self._multilabel = _is_multilabel(self.learn.loss_func) if ml is None else ml
         settings = _multilabel_settings if self._multilabel else _loss_settings
         loss_func = self.learn.loss_func
-        self._eps, self._prior, self._axis, self._ignore = settings(loss_func, self.eps, self.prior)
-        self._cache, self._new_fit = None, True
-        self._now.update(yb=(), fresh=False, buffered=0)
-        self._tbuf.clear(); self._vbuf.clear()
-        columns = [_EpochValue(self, n) for n in _recorded]
+        self._axis, self._ignore = settings(loss_func, self.eps, self.prior)[2:]
+        self._eps_setting = self._prior_setting = None
+        self._follow_smoothing()  # the eps and prior in force
+        self._constants, self._new_fit = None, True
+        self._batch_state.update(labels=(), predicted=False, pending_values=0)
+        self._train_pending.clear(); self._valid_pending.clear(); self._valid_samples.clear()
+        columns = [_EpochValue(self, n) for n in self._columns]
         others = [m for m in self.learn.metrics if not isinstance(m, _EpochValue)]
         self.learn.metrics = others + columns
 
+    @property
+    def _columns(self) -> tuple:
+        "The Recorder's columns"
+        return _recorded + (_calibration if self.calibration else ())
+
     def _start(self):
         "At a fit's first batch, number it: the history keeps every fit's (`fine_tune`'s two, say)"
-        if self._new_fit: self._fit, self._new_fit = self._fit + 1, False
+        if self._new_fit: self._fit_number, self._new_fit = self._fit_number + 1, False
+
+    def set_eps(self,
+        eps:float|None, # the eps in force from now on; `None`: the loss's again
+    ):
+        "Tell the logger the current eps, for a loss whose eps it cannot read (no effect if fixed)"
+        self._told_eps = None if eps is None else _check_eps(eps)
+
+    def _follow_smoothing(self):
+        "The eps and prior in force now; the batches pending are computed with theirs first"
+        func = _loss_chain(self.learn.loss_func)[-1]
+        loss_eps, loss_prior = (_label_smoothing_of if self._multilabel else _smoothing_of)(func)
+        eps = next((e for e in (self.eps, self._told_eps, loss_eps) if e is not None), 0.1)
+        prior = loss_prior if self.prior is None else self.prior
+        eps_now, prior_now = _setting(eps), _setting(prior)
+        new_eps = not _same(eps_now, self._eps_setting)
+        new_prior = not _same(prior_now, self._prior_setting)
+        if not (new_eps or new_prior): return
+        self._flush()
+        check_prior = _check_label_prior if self._multilabel else _check_prior
+        if new_eps: self._eps = _check_eps(eps)
+        if new_prior:  # a copy: the batches pending keep theirs when the loss's changes in place
+            self._prior = check_prior(prior.clone() if isinstance(prior, Tensor) else prior)
+        self._eps_setting, self._prior_setting, self._constants = eps_now, prior_now, None
+
+    def after_loss(self):
+        "A training batch's loss is computed: the eps and prior it used are in force"
+        if self.training: self._follow_smoothing()
 
     def before_train(self): self._start()
     def after_train(self): self._flush()
 
     def before_validate(self):
         "Empty the epoch's sums (not for a `get_preds` called inside `fit`)"
-        self._values, self._valid = {}, not self._predicting()
-        if self._valid: self._start(); self._vsum = self._vbins = None; self._vbuf.clear()
+        self._valid_values, self._validating = {}, not self._predicting()
+        if not self._validating: return
+        self._start()
+        self._valid_sums = self._valid_bins = None
+        self._valid_pending.clear(); self._valid_samples.clear()
 
-    # per batch, state goes in the dict `_now`:
+    # per batch, state goes in the dict `_batch_state`:
     # setting a `Callback`'s attribute looks it up in the `Learner`
-    def before_batch(self): self._now['yb'] = self.learn.yb  # the labels, before MixUp/CutMix
-    def after_pred(self): self._now['fresh'] = True  # has a prediction (a cancelled batch has none)
+    def before_batch(self):
+        self._batch_state['labels'] = self.learn.yb  # the labels, before MixUp/CutMix
+    def after_pred(self):
+        self._batch_state['predicted'] = True  # has a prediction (a cancelled batch has none)
 
     def _consts(self, pred:Tensor) -> tuple:
-        "The fit's constants for `pred`'s classes and device, computed once"
+        "The constants for `pred`'s classes and device, computed once per eps and prior"
         # multi-label: per batch, in `_binary_view`
         K = 2 if self._multilabel else pred.shape[self._axis]
-        if self._cache is None or self._cache[:2] != (K, pred.device):
+        if self._constants is None or self._constants[:2] != (K, pred.device):
             prior = None if self._multilabel else self._prior
             consts = _stat_consts(K, self._eps, prior, pred.device)
             bounds = torch.linspace(0, 1, self.n_bins + 1, device=pred.device)
-            self._cache = (K, pred.device, consts, bounds)
+            self._constants = (K, pred.device, consts, bounds)
             self._mean_args = (self._eps, K if self._prior == 'others' else 0)
-        return self._cache[2:]
+        return self._constants[2:]
 
     def after_batch(self):
         "Keep the prediction (a copy), labels till the phase ends or they fill `_FLUSH_AT` values"
-        now, learn = self._now, self.learn
-        fresh, now['fresh'] = now['fresh'], False
-        if learn.training: i = now['iter']; now['iter'] = i + 1  # every training batch, of all fits
-        wanted = i % self.every == 0 if learn.training else self._valid
-        if not (fresh and wanted and len(now['yb'])): return
-        pred, y = learn.pred, now['yb'][0]
+        state, learn = self._batch_state, self.learn
+        predicted, state['predicted'] = state['predicted'], False
+        # `train_iter` counts every training batch, of all fits
+        if learn.training: i = state['train_iter']; state['train_iter'] = i + 1
+        wanted = i % self.every == 0 if learn.training else self._validating
+        if not (predicted and wanted and len(state['labels'])): return
+        pred, y = learn.pred, state['labels'][0]
         if learn.training:
-            self._tbuf.append((pred.detach().clone(), y))
-            self._at.append((self._fit, i, learn.epoch))
+            self._train_pending.append((pred.detach().clone(), y))
+            self._train_ids.append((self._fit_number, i, learn.epoch))
+            self._train_eps.append(self._eps)
         else:
             n = _n_real(learn.dl, len(pred))
             p_real, y_real = (pred[:n], y[:n]) if n < len(pred) else (pred, y)
-            self._vbuf.append((p_real.detach().clone(), y_real))
-        now['buffered'] += pred.numel()
-        if now['buffered'] >= _FLUSH_AT: self._flush(); self._flush(valid=True)
+            self._valid_pending.append((p_real.detach().clone(), y_real))
+        state['pending_values'] += pred.numel()
+        if state['pending_values'] >= _FLUSH_AT: self._flush(); self._flush(valid=True)
 
     def _flush(self, valid:bool=False):
         "Compute the buffered batches together: training into the history, validation into sums"
-        buf = self._vbuf if valid else self._tbuf
-        if not buf: return
-        consts, bounds = self._consts(buf[0][0])
+        pending = self._valid_pending if valid else self._train_pending
+        if not pending: return
+        consts, bounds = self._consts(pending[0][0])
         axis, ml, ign = self._axis, self._multilabel, self._ignore
-        for pred, y, items in _concat(buf):
+        for pred, y, items in _concat(pending):
+            if valid and self.calibration:
+                self._valid_samples.append(_samples(pred, y, axis, ign, ml, logits=True))
             if ml: pred, y, consts = _binary_view(pred, y, self._eps, self._prior, ign); axis = -1
             if not valid:
                 sums = _batch_stats(pred, y, consts, axis, ign, items=items, binary=ml)
-                self._rows.append(sums); self._row_means.append(_means(sums, *self._mean_args))
+                self._train_sums.append(sums)
+                self._train_means.append(_means(sums, *self._mean_args))
                 continue
             sums, bins = _batch_stats(pred, y, consts, axis, ign, bounds, items, binary=ml)
-            if self._vsum is None: self._vsum, self._vbins = sums.sum(0), bins
-            else: self._vsum.add_(sums.sum(0)); self._vbins.add_(bins)
-        buf.clear(); self._now['buffered'] = 0
+            if self._valid_sums is None: self._valid_sums, self._valid_bins = sums.sum(0), bins
+            else: self._valid_sums.add_(sums.sum(0)); self._valid_bins.add_(bins)
+        pending.clear(); self._batch_state['pending_values'] = 0
 
     def after_validate(self):
         "The epoch's values from the totals over all batches and processes"
-        if not self._valid: return
+        if not self._validating: return
         self._flush(valid=True)
-        if self._vsum is None:
-            dev = next(iter(self.learn.model.parameters()), torch.empty(0)).device
-            self._vsum = torch.zeros(6, dtype=torch.float64, device=dev)
-            self._vbins = torch.zeros(self.n_bins + 1, 3, dtype=torch.float64, device=dev)
-        tot = _all_reduce(torch.cat([self._vsum, self._vbins.flatten()])).cpu()
-        self._bins = tot[6:].view(-1, 3)
+        dev = next(iter(self.learn.model.parameters()), torch.empty(0)).device
+        if self._valid_sums is None:
+            self._valid_sums = torch.zeros(6, dtype=torch.float64, device=dev)
+            self._valid_bins = torch.zeros(self.n_bins + 1, 3, dtype=torch.float64, device=dev)
+        tot = _all_reduce(torch.cat([self._valid_sums, self._valid_bins.flatten()])).cpu()
+        self._reliability_bins = tot[6:].view(-1, 3)
         # no samples: `None`, as fastai's metrics
         means = _means(tot[:6], *self._mean_args).tolist() if tot[5] > 0 else [None] * 6
-        self._values = dict(zip(_logged, means), ece=_ece(self._bins))
-        at = dict(fit=self._fit, epoch=self.learn.epoch, iter=self._now['iter'])
-        self._vrows.append(dict(at, **self._values))
+        self._valid_values = dict(zip(_logged, means), ece=_ece(self._reliability_bins))
+        if self.calibration: self._valid_values.update(self._calibration_values(dev))
+        train_iter = self._batch_state['train_iter']
+        at = dict(fit=self._fit_number, epoch=self.learn.epoch, iter=train_iter)
+        self._valid_records.append(dict(at, **self._valid_values))
+
+    def _calibration_values(self, device) -> dict:
+        "`ace`, `cw_ece`, `temperature`, `aurc` of the kept validation positions of all processes"
+        samples, self._valid_samples = self._valid_samples, []
+        if samples:
+            joined = (None if t[0] is None else torch.cat(t) for t in zip(*samples))
+            logits, labels, columns = joined
+        else:  # every process gathers the same tensors
+            logits = torch.zeros(0, 0, device=device)
+            labels = torch.zeros(0, dtype=torch.long, device=device)
+            columns = labels if self._multilabel else None
+        logits, labels = _all_gather(logits), _all_gather(labels)
+        if columns is not None: columns = _all_gather(columns)
+        if not len(labels): return dict.fromkeys(_calibration)
+        probs = _probabilities(logits, self._multilabel)
+        conf, correct = _top_label(probs, labels)
+        return dict(ace=_adaptive_ece(conf, correct, self.n_bins),
+                    cw_ece=_classwise_ece(probs, labels, self.n_bins, columns),
+                    temperature=_fit_temperature(logits, labels), aurc=_aurc(conf, correct))
 
     def after_fit(self):
         "Rest of the history (a cancelled fit skips `after_train`); our columns out of `metrics`"
-        self._flush(); self._vbuf.clear()
+        self._flush(); self._valid_pending.clear(); self._valid_samples.clear()
         self.learn.metrics = [m for m in self.learn.metrics if not isinstance(m, _EpochValue)]
 
     def _epoch_value(self, name:str) -> float|None:
         "The epoch's `name` for the `Recorder`: validation, or training (`train_metrics=True`)"
-        if not self.training: return self._values.get(name)
-        if name == 'ece' or not self._rows: return None
-        this_epoch = torch.tensor([(f, e) == (self._fit, self.learn.epoch) for f, _, e in self._at])
-        rows = torch.cat(self._rows).cpu()[this_epoch]
-        if not len(rows): return None
-        return _means(rows.sum(0), *self._mean_args)[_logged.index(name)].item()
+        if not self.training: return self._valid_values.get(name)
+        if name in ('ece', *_calibration) or not self._train_sums: return None
+        now = (self._fit_number, self.learn.epoch)
+        this_epoch = torch.tensor([(f, e) == now for f, _, e in self._train_ids])
+        counts = torch.cat(self._train_sums).cpu()[this_epoch, 5]
+        if not len(counts): return None
+        # each batch's means with its own eps and prior, weighted by its positions
+        means = torch.cat(self._train_means).cpu()[this_epoch, _logged.index(name)]
+        has = counts > 0
+        return ((means[has] * counts[has]).sum() / counts.sum()).item()
 
     @property
     def history(self) -> pd.DataFrame:
         "The logged training batches of all fits: `fit`, `iter`, `epoch`, batch means of `_logged`"
         self._flush()  # batches not computed yet (when read during an epoch)
         empty = torch.zeros(0, 6, dtype=torch.float64)
-        means = torch.cat(self._row_means).cpu() if self._row_means else empty
+        means = torch.cat(self._train_means).cpu() if self._train_means else empty
         names = ['fit', 'iter', 'epoch']
-        at = dict(zip(names, zip(*self._at))) if self._at else dict(fit=[], iter=[], epoch=[])
+        ids = self._train_ids
+        at = dict(zip(names, zip(*ids))) if ids else dict(fit=[], iter=[], epoch=[])
         return pd.DataFrame(dict(at, **dict(zip(_logged, means.T.numpy())))).astype(
             {'fit': int, 'iter': int, 'epoch': int})
 
     @property
     def valid_history(self) -> pd.DataFrame:
-        "The validation epochs of every fit: the means over all samples of `_logged`, and the ECE"
-        return pd.DataFrame(self._vrows, columns=['fit', 'epoch', 'iter', *_logged, 'ece'])
+        "The validation epochs of every fit: the means over all samples of `_logged`, the ECE, ..."
+        calibration = _calibration if self.calibration else ()
+        columns = ['fit', 'epoch', 'iter', *_logged, 'ece', *calibration]
+        return pd.DataFrame(self._valid_records, columns=columns)
 
     @property
     def reliability(self) -> pd.DataFrame:
         "Last validation's confidence bins: bounds, count, mean confidence, accuracy (last: 1.0)"
         lo = torch.linspace(0, 1, self.n_bins + 1)
         empty = torch.zeros(self.n_bins + 1, 3, dtype=torch.float64)
-        b = self._bins if self._bins is not None else empty
+        b = self._reliability_bins if self._reliability_bins is not None else empty
         hi = torch.cat([lo[1:], lo[-1:]])
         return pd.DataFrame(dict(lo=lo.numpy(), hi=hi.numpy(), count=b[:, 0].long().numpy(),
                                  confidence=(b[:, 1] / b[:, 0]).numpy(),
@@ -407,7 +719,9 @@ def plot(self:EntropyLogger,
         ax.plot(h['iter'], sm[col], color=c, label=label)
         if len(v): ax.plot(v['iter'], v[col], 'o', color=c, ms=4)
     ax.plot(h['iter'], sm['target_entropy'], '--', color='k', lw=1, label="$H(q')$ floor")
-    title = f"entropy against the smoothed target ($\\varepsilon$={self._eps:g})"
+    lo, hi = min(self._train_eps), max(self._train_eps)
+    eps = f"{lo:g}" if lo == hi else f"{lo:g} to {hi:g}"
+    title = f"entropy against the smoothed target ($\\varepsilon$={eps})"
     ax.set(xlabel='training batch', ylabel='nats', title=title)
     ax.legend(fontsize='small')
     return ax.figure
@@ -418,11 +732,11 @@ def plot_reliability(self:EntropyLogger,
     ax=None, # matplotlib axes to draw on; a new figure when `None`
 ):
     "Reliability diagram of the last validation epoch, with its ECE; returns the figure"
-    if self._bins is None or not self._bins[:, 0].sum():
+    if self._reliability_bins is None or not self._reliability_bins[:, 0].sum():
         raise ValueError("no validation epoch to plot: "
                          "fit the `Learner` with the `EntropyLogger` first")
-    b = self._bins[:-1].clone()
-    b[-1] += self._bins[-1]  # confidence 1.0 into the last bar
+    b = self._reliability_bins[:-1].clone()
+    b[-1] += self._reliability_bins[-1]  # confidence 1.0 into the last bar
     b = b.numpy()
     n, has, w = b[:, 0], b[:, 0] > 0, 1 / self.n_bins
     mid = (torch.arange(self.n_bins).numpy() + 0.5) * w
@@ -438,6 +752,6 @@ def plot_reliability(self:EntropyLogger,
     ml = self._multilabel
     ax.set(xlim=(0, 1), ylim=(0, 1), xlabel='p (positive)' if ml else 'confidence',
            ylabel='share positive' if ml else 'accuracy',
-           title=f"reliability, ECE = {_ece(self._bins):.4f}")
+           title=f"reliability, ECE = {_ece(self._reliability_bins):.4f}")
     ax.legend(loc='upper left', fontsize='small', framealpha=0.9)
     return ax.figure

@@ -19,6 +19,7 @@ from label_smoothing_fa.losses import LabelSmoothingCrossEntropy, LabelSmoothing
 
 LOGGED = ['smooth_ce', 'target_entropy', 'kl', 'entropy', 'confidence', 'nll']
 RECORDED = ['smooth_ce', 'kl', 'entropy', 'confidence', 'ece']
+CALIBRATION = ['ace', 'cw_ece', 'temperature', 'aurc']  # with `calibration=True`, after RECORDED
 
 def close(a, b, tol=1e-5):
     as64 = lambda t: t.double() if isinstance(t, torch.Tensor) else torch.from_numpy(np.array(t, dtype=np.float64))
@@ -97,7 +98,7 @@ def reference(logits, targs, eps, prior=None, axis=1, ignore_index=-100):
 def check_valid(learn, eps, prior=None, axis=1, ignore_index=-100):
     "The Recorder's last row and `valid_history` against `get_preds` recomputed, and torchmetrics' ECE"
     names, row = learn.recorder.metric_names[1:-1], learn.recorder.values[-1]
-    assert names[-5:] == RECORDED
+    assert [n for n in names if n not in CALIBRATION][-5:] == RECORDED
     got = dict(zip(names, row))
     logits, targs = learn.get_preds(act=lambda o: o)
     ref = reference(logits, targs, eps, prior, axis, ignore_index).mean(0)
@@ -308,16 +309,16 @@ class PaddedShard:
             yield self.x[b], self.y[b]
 
 def _run(kind, rank=0, world_size=1):
-    "Fit one epoch (lr=0: the weights stay as initialised) validating this process's share of 101 items; the logged values"
+    "Fit one epoch (lr=0: the weights stay as initialised) validating this process's share of 101 items; the logged values (calibration: gathered)"
     xv, yv = make_data(101, 'flat', 2)
     if world_size == 1: valid = DataLoader(list(zip(xv, yv)), bs=16)
     elif kind == 'halves':
         half = slice(0, 50) if rank == 0 else slice(50, None)
         valid = DataLoader(list(zip(xv[half], yv[half])), bs=16)
     else: valid = PaddedShard(xv, yv, rank, world_size, 16)
-    learn = fit(make_learner(LabelSmoothingCrossEntropy(0.1), [EntropyLogger()], n_train=32, valid_dl=valid), lr=0)
+    learn = fit(make_learner(LabelSmoothingCrossEntropy(0.1), [EntropyLogger(calibration=True)], n_train=32, valid_dl=valid), lr=0)
     got = dict(zip(learn.recorder.metric_names[1:-1], learn.recorder.values[-1]))
-    return [got[n] for n in RECORDED], learn.entropy_logger.valid_history[LOGGED].iloc[-1].tolist()
+    return [got[n] for n in RECORDED + CALIBRATION], learn.entropy_logger.valid_history[LOGGED].iloc[-1].tolist()
 
 def _ddp_worker(rank, world_size, init_file, out_dir):
     torch.set_num_threads(1)
@@ -333,3 +334,282 @@ def test_distributed_two_processes(tmp_path):
         for kind in ('halves', 'padded'):
             close(res[kind][0], single[0], 1e-6); close(res[kind][1], single[1], 1e-6)
     assert not dist.is_initialized()
+
+# ---- calibration diagnostics: ace, cw_ece, temperature, aurc against independent references ----
+
+import scipy.optimize
+from label_smoothing_fa import callbacks
+from label_smoothing_fa.multilabel import LabelSmoothingBCEWithLogitsFlat
+# torchmetrics is imported already (`tm_ece`, with torchvision hidden)
+from torchmetrics.functional.classification import binary_calibration_error as tm_binary_ece
+
+def numpy_ace(p, y, n_bins=15):
+    "Adaptive ECE in float64: stable ascending order by confidence, `np.array_split` into bins"
+    conf, right = p.max(1), p.argmax(1) == y
+    order = np.argsort(conf, kind='stable')
+    return sum(len(b) / len(p) * abs(right[b].mean() - conf[b].mean()) for b in np.array_split(order, n_bins) if len(b))
+
+def numpy_aurc(p, y):
+    "Mean over k of the error rate of the k most confident (stable descending order), float64"
+    wrong = p.argmax(1) != y
+    order = np.argsort(-p.max(1), kind='stable')
+    return np.mean(np.cumsum(wrong[order]) / np.arange(1, len(p) + 1))
+
+def scipy_temperature(log_p, y):
+    "The T minimising the float64 NLL of softmax(log p / T), by scipy over log T in [-12, 12]; at a bound: 0 or inf"
+    def nll(log_t):
+        a = log_p / np.exp(log_t)
+        a = a - a.max(1, keepdims=True)
+        return np.mean(np.log(np.exp(a).sum(1)) - a[np.arange(len(y)), y])
+    log_t = scipy.optimize.minimize_scalar(nll, bounds=(-12, 12), method='bounded', options=dict(xatol=1e-10)).x
+    return 0. if log_t < -11.9 else float('inf') if log_t > 11.9 else float(np.exp(log_t))
+
+def calibration_reference(probs, targs, axis=1, ignore_index=-100, n_bins=15, columns=None):
+    "The four from probabilities (rows of kept positions, or `get_preds` output) by the references above"
+    p = probs.movedim(axis, -1).reshape(-1, probs.shape[axis])
+    y = targs.argmax(axis).reshape(-1) if targs.dtype.is_floating_point else targs.reshape(-1)
+    p, y = p[y != ignore_index], y[y != ignore_index]
+    if columns is None:  # classwise: each class's p_k against [y = k], torchmetrics' binary ECE
+        cw = np.mean([tm_binary_ece(p[:, k], (y == k).long(), n_bins=n_bins).item() for k in range(p.shape[1])])
+    else:  # multi-label: per label, its p against its target
+        cw = np.mean([tm_binary_ece(p[columns == l, 1], y[columns == l], n_bins=n_bins).item() for l in columns.unique()])
+    p64, y64 = p.double().numpy(), y.numpy()
+    return dict(ace=numpy_ace(p64, y64, n_bins), cw_ece=cw, temperature=scipy_temperature(np.log(p64), y64),
+                aurc=numpy_aurc(p64, y64))
+
+def check_calibration(learn, samples=None, **kwargs):
+    "The Recorder's last row and `valid_history` hold the references on `get_preds` (`samples` makes them the reference's input)"
+    got = dict(zip(learn.recorder.metric_names[1:-1], learn.recorder.values[-1]))  # before `get_preds` starts it afresh
+    probs, targs = learn.get_preds()
+    if samples is not None: probs, targs, kwargs['columns'] = samples(probs, targs)
+    ref = calibration_reference(probs, targs, **kwargs)
+    for n in ('ace', 'cw_ece', 'aurc'): close(got[n], ref[n], 1e-6)
+    T, T_ref = got['temperature'], ref['temperature']
+    assert T == T_ref if T_ref in (0, float('inf')) else abs(T / T_ref - 1) < 1e-3, (T, T_ref)
+    vh = learn.entropy_logger.valid_history
+    assert list(vh.columns[-5:]) == ['ece'] + CALIBRATION and vh[CALIBRATION].iloc[-1].tolist() == [got[n] for n in CALIBRATION]
+    return got
+
+CALIBRATION_CASES = {
+    'flat': (lambda: LabelSmoothingCrossEntropy(0.1), 'flat', None, 1, -100),
+    'seq-flat': (lambda: fl.CrossEntropyLossFlat(ignore_index=-1), 'seq', -1, -1, -1),
+    'seg-axis1': (lambda: LabelSmoothingCrossEntropy(0.1, axis=1, ignore_index=255), 'seg', 255, 1, 255),
+}
+
+@pytest.mark.parametrize('case', list(CALIBRATION_CASES))
+def test_calibration_matches_get_preds(case):
+    "Classification, sequences with ignored positions, segmentation (class axis 1): the columns are the references on `get_preds`"
+    loss, kind, ignore, axis, ignore_index = CALIBRATION_CASES[case]
+    learn = fit(make_learner(loss(), [EntropyLogger(calibration=True)], kind, ignore_index=ignore), 2)
+    assert learn.recorder.metric_names[-10:-1] == RECORDED + CALIBRATION
+    got = check_calibration(learn, axis=axis, ignore_index=ignore_index)
+    assert 0 <= got['ace'] <= 1 and 0 <= got['cw_ece'] <= 1 and 0 <= got['aurc'] <= 1 and 0 < got['temperature'] < 10
+    fit(learn, 1)
+    check_valid(learn, 0.1, axis=axis, ignore_index=ignore_index)  # the other columns as without `calibration`
+
+def test_calibration_edge_sets():
+    "Fewer samples than bins, a class absent from the validation set, `n_bins`"
+    xv, yv = make_data(60, 'flat', 2)
+    few = DataLoader(list(zip(xv[:9], yv[:9])), bs=4)
+    learn = fit(make_learner(LabelSmoothingCrossEntropy(0.1), [EntropyLogger(calibration=True)], valid_dl=few))
+    check_calibration(learn)
+    absent = yv != 4
+    assert absent.sum() < 60
+    no_class_4 = DataLoader(list(zip(xv[absent], yv[absent])), bs=16)
+    learn = fit(make_learner(LabelSmoothingCrossEntropy(0.1), [EntropyLogger(n_bins=6, calibration=True)], valid_dl=no_class_4))
+    check_calibration(learn, n_bins=6)
+    probs, targs = learn.get_preds()
+    assert probs.shape[1] == K and not (targs == 4).any()  # class 4 still counts: its p_4 against all zeros
+
+class FixedPredictions(nn.Module):
+    "Returns the given logits for item indices (a parameter so the optimiser has something)"
+    def __init__(self, logits): super().__init__(); self.logits, self.w = logits, nn.Parameter(torch.ones(()))
+    def forward(self, i): return self.logits[i.long()] + 0 * self.w
+
+def fixed_learner(logits, targs, bs=2, train=None, **kwargs):
+    "A `Learner` predicting `logits` for the validation items, in order, in batches of `bs`; one training batch (`train` items)"
+    items = list(zip(torch.arange(len(targs)), targs))
+    train_items = items if train is None else [items[i] for i in train]
+    dls = DataLoaders(DataLoader(train_items, bs=len(train_items)), DataLoader(items, bs=bs))
+    return fit(Learner(dls, FixedPredictions(logits), loss_func=fl.CrossEntropyLossFlat(), cbs=EntropyLogger(calibration=True, **kwargs)), lr=0)
+
+def test_calibration_ties_by_hand():
+    "Tied confidences keep the samples' order (stable sorts): by hand, and as numpy's stable sorts"
+    conf, right = torch.tensor([.6, .6, .6, .6, .9]), torch.tensor([1, 1, 0, 0, 1])
+    logits = torch.stack([conf, 1 - conf], 1).log()
+    targs = 1 - right  # class 0 is right
+    learn = fixed_learner(logits, targs, n_bins=2)
+    got = dict(zip(learn.recorder.metric_names[1:-1], learn.recorder.values[-1]))
+    # bins of 3 + 2 in the samples' order: {.6 R, .6 R, .6 W}, {.6 W, .9 R}: (|2 - 1.8| + |1 - 1.5|) / 5
+    close(got['ace'], 0.7 / 5, 1e-6)
+    # most confident first, ties in order: errors 0, 0, 0, 1, 2 among 1..5
+    close(got['aurc'], (0 + 0 + 0 + 1 / 4 + 2 / 5) / 5, 1e-6)
+    check_calibration(learn, n_bins=2)
+    # the same samples, the tied ones in another order: another ACE and AURC
+    learn = fixed_learner(logits[[2, 3, 0, 1, 4]], targs[[2, 3, 0, 1, 4]], n_bins=2)
+    got = dict(zip(learn.recorder.metric_names[1:-1], learn.recorder.values[-1]))
+    close(got['ace'], (abs(1 - 1.8) + abs(2 - 1.5)) / 5, 1e-6)
+    close(got['aurc'], (0 + 1 / 2 + 2 / 3 + 2 / 4 + 2 / 5) / 5, 1e-6)
+
+def test_calibration_nan_and_empty():
+    "A NaN prediction makes the four NaN (the ECE leaves it out of its bins); an empty validation set gives None"
+    logits = torch.randn(6, 3) * 2
+    logits[2] = float('nan')
+    learn = fixed_learner(logits, torch.tensor([0, 1, 2, 0, 1, 2]), train=[0, 1])  # (a NaN loss would make the weights NaN)
+    got = dict(zip(learn.recorder.metric_names[1:-1], learn.recorder.values[-1]))
+    assert all(np.isnan(got[n]) for n in CALIBRATION) and np.isnan(got['smooth_ce']) and np.isfinite(got['ece'])
+    learn = fit(make_learner(LabelSmoothingCrossEntropy(0.1), [EntropyLogger(calibration=True)], valid_dl=DataLoader([], bs=4)))
+    assert learn.recorder.values[-1][-9:] == [None] * 9
+    assert len(learn.entropy_logger.valid_history) == 1 and learn.entropy_logger.valid_history[CALIBRATION].isna().all().all()
+    xv, yv = make_data(8, 'seq', 2)
+    all_ignored = DataLoader(list(zip(xv, torch.full_like(yv, -1))), bs=4)
+    learn = fit(make_learner(fl.CrossEntropyLossFlat(ignore_index=-1), [EntropyLogger(calibration=True)], 'seq', ignore_index=-1,
+                             valid_dl=all_ignored))
+    assert learn.recorder.values[-1][-9:] == [None] * 9
+
+def test_calibration_degenerate_temperature():
+    "All right with separable logits: T = 0; constant logits: NaN, the rest as defined"
+    learn = fixed_learner(torch.tensor([[3., 0, 0], [0, 2, 1], [0, 0, 1]]), torch.tensor([0, 1, 2]))
+    got = dict(zip(learn.recorder.metric_names[1:-1], learn.recorder.values[-1]))
+    assert got['temperature'] == 0 and got['aurc'] == 0
+    learn = fixed_learner(torch.zeros(4, 3), torch.tensor([0, 1, 2, 0]))
+    got = dict(zip(learn.recorder.metric_names[1:-1], learn.recorder.values[-1]))
+    assert np.isnan(got['temperature'])
+    close(got['aurc'], np.mean([0, 1 / 2, 2 / 3, 2 / 4]), 1e-6)  # all tied at 1/3: class 0 predicted, in order
+
+def test_calibration_multilabel():
+    "Multi-label segmentation output (N, L, H, W) with ignored entries: each kept entry a two-class sample, cw_ece per label"
+    torch.manual_seed(0)
+    x = torch.randn(96, 2, 4, 4)
+    y = torch.stack([(x[:, 0] > 0), (x[:, 1] > 0.5), (x.sum(1) > 0)], 1).float()
+    y = torch.where(torch.rand(y.shape) < 0.2, -1., y)
+    ds = list(zip(x, y))
+    dls = DataLoaders(DataLoader(ds[:64], bs=16, shuffle=True), DataLoader(ds[64:], bs=16))
+    learn = Learner(dls, nn.Conv2d(2, 3, 1), loss_func=LabelSmoothingBCEWithLogitsFlat(0.1, ignore_index=-1), lr=0.05,
+                    cbs=[EntropyLogger(calibration=True)])
+    fit(learn, 2, 0.05)
+    def entries(probs, targs):
+        "Kept entries as two-class rows (1 - p, p), their 0/1 targets and labels"
+        kept = targs != -1
+        labels = torch.arange(3).view(1, 3, 1, 1).expand(targs.shape)[kept]
+        return torch.stack([1 - probs[kept], probs[kept]], 1), targs[kept].long(), labels
+    got = check_calibration(learn, entries)
+    assert got['ace'] >= 0 and got['cw_ece'] >= 0
+
+def test_calibration_off_keeps_nothing(monkeypatch):
+    "By default no validation logits are kept and nothing more is computed"
+    calls = []
+    monkeypatch.setattr(callbacks, '_samples', lambda *a, **k: calls.append(1))
+    learn = fit(make_learner(LabelSmoothingCrossEntropy(0.1), [EntropyLogger()]), 2)
+    assert calls == [] and learn.recorder.metric_names[-6:-1] == RECORDED
+    assert list(learn.entropy_logger.valid_history.columns[-1:]) == ['ece']
+
+# ---- a changing eps and prior: each batch is logged with its own ----
+
+from label_smoothing_fa.callbacks import _target_entropy
+
+def floor_by_hand(eps, K=K, prior=None):
+    "H(q') of each class's smoothed one-hot target, float64 xlogy on q' = (1-eps) e_y + eps u_y"
+    u = torch.full((K, K), 1 / K, dtype=torch.float64) if prior is None else prior.double().expand(K, K)
+    q = (1 - eps) * torch.eye(K, dtype=torch.float64) + eps * u
+    return -torch.special.xlogy(q, q).sum(1)
+
+def test_floor_of_a_matrix_prior():
+    "The floor per row of a K x K prior, against q' built by hand, without the loss"
+    P = torch.softmax(torch.randn(K, K, generator=torch.Generator().manual_seed(0)) * 3, 1)
+    P[2] = torch.tensor([0., 0, 1, 0, 0])  # a row on its own class: q' one-hot, H = 0
+    for eps in (0., 0.25, 1.):
+        close(_target_entropy(K, eps, P), floor_by_hand(eps, prior=P), 1e-6)
+    close(_target_entropy(K, 0.25, P)[2], 0., 1e-7)
+
+class SetEps(Callback):
+    "A test schedule: sets the innermost loss's eps (through `BaseLoss`) before each training batch, or tells the logger"
+    def __init__(self, schedule, tell=False): self.schedule, self.tell = schedule, tell
+    def before_batch(self):
+        if not self.training: return
+        eps = self.schedule[self.learn.train_iter]
+        if self.tell: self.learn.entropy_logger.set_eps(eps)
+        else: callbacks._loss_chain(self.learn.loss_func)[-1].eps = eps
+
+@pytest.mark.parametrize('every', [1, 3])
+def test_history_follows_eps_per_batch(every):
+    "Each logged batch against the eps its loss used: every column, the floor by hand, and the epoch means"
+    schedule = np.linspace(0.4, 0.0, 20).tolist()
+    probe = Probe()
+    learn = make_learner(LabelSmoothingCrossEntropyFlat(0.4, axis=1), [EntropyLogger(every=every), probe, SetEps(schedule)], n_train=320)
+    learn.recorder.train_metrics = True
+    fit(learn, 2)
+    h = learn.entropy_logger.history
+    assert h['iter'].tolist() == list(range(0, 20, every))
+    for (_, row), i in zip(h.iterrows(), range(0, 20, every)):
+        close(row[LOGGED].to_numpy().astype(float), reference(*probe.seen[i], schedule[i]).mean(0))
+        close(row['target_entropy'], floor_by_hand(schedule[i])[0], 1e-6)
+    got = dict(zip(learn.recorder.metric_names[1:-1], learn.recorder.values[-1]))
+    for n in RECORDED[:-1]: close(got[f'train_{n}'], h[h['epoch'] == 1][n].mean())  # batches of equal size
+    # validation: the eps of the last training batch
+    logits, targs = learn.get_preds(act=lambda o: o)
+    close(learn.entropy_logger.valid_history[LOGGED].iloc[-1].to_numpy().astype(float),
+          reference(logits, targs, schedule[-1]).mean(0))
+
+class PriorPerEpoch(Callback):
+    "A stand-in for online label smoothing: a new K x K prior and eps = 1 - alpha at each epoch; in the third, in place mid-epoch"
+    def __init__(self): self.used = []  # (eps, prior) of each training batch (not in `before_fit`: `get_preds` fires it)
+    def before_batch(self):
+        if not self.training: return
+        loss, it = self.learn.loss_func, self.iter
+        P = torch.softmax(torch.randn(K, K, generator=torch.Generator().manual_seed(self.epoch)) * 2, 1)
+        if self.epoch < 2 and it == 0: loss.prior, loss.eps = P, 1 - (0.5 + 0.1 * self.epoch)
+        if self.epoch == 2 and it == 5: loss.prior.copy_(P)  # the same tensor, a new version, batches waiting
+        self.used.append((loss.eps, loss.prior.clone()))
+
+def test_history_follows_matrix_prior_per_epoch():
+    probe, online = Probe(), PriorPerEpoch()
+    learn = fit(make_learner(LabelSmoothingCrossEntropy(0.1), [EntropyLogger(), probe, online], n_train=320), 3)
+    h = learn.entropy_logger.history
+    assert len(h) == 30
+    for (_, row), (pred, y), (eps, P) in zip(h.iterrows(), probe.seen, online.used):
+        close(row[LOGGED].to_numpy().astype(float), reference(pred, y, eps, P).mean(0))
+    assert not torch.equal(online.used[24][1], online.used[25][1])  # the in-place change
+    logits, targs = learn.get_preds(act=lambda o: o)
+    eps, P = online.used[-1]
+    close(learn.entropy_logger.valid_history[LOGGED].iloc[-1].to_numpy().astype(float), reference(logits, targs, eps, P).mean(0))
+
+def test_set_eps_and_fixed_eps():
+    "A loss with no eps to read is told by `set_eps`; a constructor's eps ignores both the loss and `set_eps`"
+    schedule = np.linspace(0.3, 0.05, 10).tolist()
+    loss = lambda x, y: F.cross_entropy(x, y, label_smoothing=0.2)
+    probe = Probe()
+    learn = fit(make_learner(loss, [EntropyLogger(), probe, SetEps(schedule, tell=True)], n_train=320))
+    for (_, row), (pred, y), eps in zip(learn.entropy_logger.history.iterrows(), probe.seen, schedule):
+        close(row[LOGGED].to_numpy().astype(float), reference(pred, y, eps).mean(0))
+    for tell in (False, True):
+        learn = fit(make_learner(LabelSmoothingCrossEntropy(0.3), [EntropyLogger(eps=0.05), SetEps(schedule, tell)], n_train=320))
+        close(learn.entropy_logger.history['target_entropy'].to_numpy(), floor_by_hand(0.05)[0].expand(10), 1e-6)
+    el = EntropyLogger()
+    el.set_eps(0.2); el.set_eps(None)
+    assert el._told_eps is None
+    with pytest.raises(ValueError, match='`eps` must be in'): el.set_eps(-1)
+
+def test_multilabel_follows_eps():
+    "A multi-label loss's eps changed per batch: each batch's floor is the binary entropy of its smoothed target"
+    torch.manual_seed(0)
+    x = torch.randn(64, 8)
+    y = (x[:, :3] > 0).float()
+    dls = DataLoaders(DataLoader(list(zip(x, y)), bs=16), DataLoader(list(zip(x, y)), bs=16))
+    schedule = [0.4, 0.3, 0.2, 0.1]
+    learn = fit(Learner(dls, nn.Linear(8, 3), loss_func=LabelSmoothingBCEWithLogitsFlat(0.4), cbs=[EntropyLogger(), SetEps(schedule)]))
+    h2 = lambda t: -(t * np.log(t) + (1 - t) * np.log(1 - t))
+    # prior 0.5: y' = eps / 2 or 1 - eps / 2, the same binary entropy
+    close(learn.entropy_logger.history['target_entropy'].to_numpy(), [h2(e / 2) for e in schedule], 1e-6)
+
+def test_interrupted_fit_then_new_fit():
+    "The batches an interrupted fit left waiting join the history before the next fit starts"
+    class Interrupt(Callback):
+        def after_batch(self):
+            if self.training and self.epoch == 1 and self.iter == 1: raise KeyboardInterrupt
+    learn = make_learner(LabelSmoothingCrossEntropy(0.1), [EntropyLogger(), Interrupt()])
+    with pytest.raises(KeyboardInterrupt): fit(learn, 3)
+    learn.remove_cb(learn.interrupt)
+    fit(learn)
+    h = learn.entropy_logger.history
+    assert h['iter'].tolist() == list(range(10)) and h['fit'].tolist() == [0] * 6 + [1] * 4
