@@ -14,7 +14,7 @@ from fastai.learner import Learner, load_learner
 
 from label_smoothing_fa.adaptive import EpsScheduler
 from label_smoothing_fa.callbacks import _loss_chain
-from label_smoothing_fa.losses import LabelSmoothingCrossEntropy, LabelSmoothingCrossEntropyFlat
+from label_smoothing_fa.losses import LabelSmoothingCrossEntropy, LabelSmoothingCrossEntropyFlat, smooth_targets
 from label_smoothing_fa.multilabel import LabelSmoothingBCEWithLogits, LabelSmoothingBCEWithLogitsFlat
 
 K = 5
@@ -135,6 +135,28 @@ def test_one_cycle_hps_and_plot_sched():
     plt.close('all')
     fit(learn, 1)  # a plain fit after it: the Recorder's hps are this fit's, not the stale lr of the last
     assert set(learn.recorder.hps) == {'eps'} and learn.recorder.hps['eps'] == pytest.approx([0.2 * (1 - i / 4) for i in range(4)], abs=1e-12)
+
+@pytest.mark.parametrize('case', ['ours', 'fastai-ls-flat', 'torch-ce', 'ours-bce-flat'])
+def test_entropy_logger_follows_the_schedule(case):
+    "The logger's floor is each batch's H(q') at the scheduled eps, also at eps 0 for torch's loss (read as no smoothing); a fixed eps stays"
+    make_loss, _, ml, _ = LOSSES[case]
+    half = lambda p: 0.3 if p < 0.5 else 0.
+    probe, logger, fixed = Probe(), EntropyLogger(), EntropyLogger(eps=0.1)
+    loss_func = make_loss()
+    probe.chain = _loss_chain(loss_func)
+    learn = fit(make_learner(loss_func, [EpsScheduler(half), logger, probe], multilabel=ml), 2)
+    for (_, row), (_, y, _, _), eps in zip(logger.history.iterrows(), probe.seen, [0.3] * 4 + [0.] * 4):
+        if ml:  # each label a two-class target: 1 - eps + eps/2 on its value
+            t = (1 - eps) * y.double() + eps / 2
+            floor = (entropy_rows(torch.stack([t, 1 - t], -1))).mean().item()
+        else: floor = entropy_rows(smooth_targets(y, K, eps).double()).mean().item()
+        assert row['target_entropy'] == pytest.approx(floor, abs=1e-6)
+    assert logger._told_eps is None  # after the fit: the loss's again
+    learn.remove_cb(learn.eps_scheduler).add_cb(fixed)
+    learn.add_cb(EpsScheduler(half))
+    fit(learn, 1)
+    te = fixed.history['target_entropy']
+    assert len(te) == 4 and te.max() - te.min() < 1e-6  # its own eps, whatever the schedule
 
 def test_callback_order_independent_hps():
     "The merge into ParamScheduler's dict does not depend on the callbacks' order"
@@ -454,11 +476,18 @@ def test_online_compiled_loss():
         assert b['loss'] == pytest.approx(loss_by_hand(b, 0.5, ols.priors[0].double()), abs=2e-6)
     assert (loss.eps, loss.prior) == (0.1, None)
 
+def entropy_rows(q): return -torch.special.xlogy(q, q).sum(-1)
+
 def test_online_with_entropy_logger():
-    "The EntropyLogger beside it keeps working (it watches against the loss's own settings, read when the fit starts)"
-    learn = fit(shaped_learner(LabelSmoothingCrossEntropy(0.1), [OnlineLabelSmoothing(0.5), EntropyLogger()]), 2, lr=0.05)
+    "The EntropyLogger beside it follows the loss's eps and prior: each batch's floor is H(q') of its targets' rows"
+    probe, ols = Batches(), OnlineLabelSmoothing(0.6, warmup_eps=0.2)
+    learn = fit(shaped_learner(LabelSmoothingCrossEntropy(0.1), [ols, EntropyLogger(), probe]), 3, lr=0.05)
     h = learn.entropy_logger.history
-    assert len(h) == 8 and h.notna().all().all()
+    assert len(h) == 12
+    for (_, row), b in zip(h.iterrows(), probe.seen):
+        q = smooth_targets(b['y'], K, b['eps'], b['prior'])  # warm-up: uniform; then 1 - alpha, row y of the prior
+        assert row['target_entropy'] == pytest.approx(entropy_rows(q.double()).mean().item(), abs=1e-5)
+    assert h['target_entropy'].iloc[:4].nunique() == 1 and h['target_entropy'].iloc[4:].nunique() > 1
 
 def test_online_refusals():
     for loss, msg in ((LabelSmoothingBCEWithLogitsFlat(), 'is for multiclass losses'), (fl.BCEWithLogitsLossFlat(), 'is multi-label'),
