@@ -11,6 +11,8 @@ from fastai.interpret import Interpretation
 from fastai.learner import Learner, load_learner
 from fastai.optimizer import Adam
 from hypothesis import given, settings, strategies as st, HealthCheck
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 import label_smoothing_fa.losses as L
 from label_smoothing_fa.losses import (LabelSmoothingCrossEntropy, LabelSmoothingCrossEntropyFlat, label_smoothing_cross_entropy,
@@ -130,6 +132,33 @@ def test_matrix_prior_over_several_blocks(shape, axis, path):
         kw = {k: (t.double() if isinstance(t, torch.Tensor) else t) for k, t in kw.items()}
         ref, g_ref = loss_and_grad(reference_label_smoothing_cross_entropy, x.double(), tgt, eps=0.3, prior=P.double(), axis=axis, **kw)
         close(ours, ref, 1e-5); close(g_ours, g_ref, 1e-7)
+
+class _FullSizeAllocations(TorchDispatchMode):
+    "Records the operations whose outputs are new tensors of at least `n` elements"
+    def __init__(self, n): super().__init__(); self.n, self.ops = n, []
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.numel() >= self.n and t.untyped_storage().data_ptr() not in inputs:
+                self.ops.append(func.__name__)
+        return out
+
+@pytest.mark.parametrize('shape', [(4096, 64), (4, 64, 32, 32)])
+def test_matrix_prior_allocates_no_n_by_k_prior(shape, monkeypatch):
+    "Fused forward and backward: a K x K prior allocates no more N x K tensors than a vector prior does"
+    monkeypatch.setattr(L, '_DENSE_BELOW', 0); monkeypatch.setattr(L, '_BLOCK', 1 << 12)  # many blocks, each small
+    torch.manual_seed(0)
+    K, x = shape[1], torch.randn(shape)
+    u, P = torch.softmax(torch.randn(K), 0), torch.softmax(torch.randn(K, K), 1)
+    for target in (torch.randint(0, K, shape[:1] + shape[2:]), torch.softmax(torch.randn(shape), 1)):
+        counts = []
+        for prior in (u, P):
+            xi = x.clone().requires_grad_()
+            with _FullSizeAllocations(x.numel() // 2) as mode:
+                label_smoothing_cross_entropy(xi, target, 0.2, prior=prior).backward()
+            counts.append(len(mode.ops))
+        assert 1 <= counts[1] <= counts[0], counts  # the softmax buffer at least; the prior adds none
 
 def test_matrix_prior_gradient():
     "A K x K prior that requires grad gets the reference's gradient, for index and soft targets and every weight mode"
