@@ -88,7 +88,7 @@ def digits_cnn(
 # %% ../nbs/02_demo.ipynb #8fe4f70f
 def train(
     loss_func=None, # the loss; `None` for fastai's `CrossEntropyLossFlat`
-    cbs=None, # callbacks for the `Learner`, for example `EntropyLogger()` or `MixUp()`
+    cbs=None, # callbacks, for example `EntropyLogger()` or `MixUp()`
     epochs:int=5, # epochs of `fit_one_cycle`
     lr:float=1e-2, # maximum learning rate of the one-cycle schedule
     seed:int=42, # seed for the split, the shuffling and the initial weights
