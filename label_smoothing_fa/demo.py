@@ -27,6 +27,7 @@ __all__ = ['digits_items', 'digits_dls', 'digits_cnn', 'train', 'calibration_err
            'recorder_table', 'plot_curves', 'plot_reliability', 'main']
 
 # %% ../nbs/02_demo.ipynb #b1d0e2a7
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 import numpy as np, torch, torch.nn as nn, torch.nn.functional as F
@@ -79,22 +80,22 @@ def digits_dls(
 # %% ../nbs/02_demo.ipynb #2ff1a096
 def digits_cnn(
     pretrained:bool=False, # must be `False`: there are no weights for this width
-    **kwargs, # passed to fastai's `xresnet18`
+    **kwargs,
 ) -> nn.Module:
-    "fastai's `xresnet18` at a quarter of its width: an `arch` for `vision_learner`, from scratch"
+    "fastai's `xresnet18` at a quarter of its width (`kwargs` go to it): an `arch`, from scratch"
     if pretrained: raise ValueError("`digits_cnn` has no pretrained weights")
     return xresnet18(pretrained=False, widen=0.25, **kwargs)
 
 # %% ../nbs/02_demo.ipynb #8fe4f70f
 def train(
-    loss_func=None, # the loss; `None` for fastai's `CrossEntropyLossFlat`
-    cbs=None, # callbacks, for example `EntropyLogger()` or `MixUp()`
+    loss_func:Callable|None=None, # the loss; `None` for fastai's `CrossEntropyLossFlat`
+    cbs:list|None=None, # callbacks, for example `EntropyLogger()` or `MixUp()`
     epochs:int=5, # epochs of `fit_one_cycle`
     lr:float=1e-2, # maximum learning rate of the one-cycle schedule
     seed:int=42, # seed for the split, the shuffling and the initial weights
     bs:int=64, # batch size
     size:int=32, # side of the images, in pixels
-    arch=digits_cnn, # the network, as `vision_learner` takes it
+    arch:Callable=digits_cnn, # the network, as `vision_learner` takes it
     threads:int|None=None, # torch CPU threads while training (`None`: leave as is)
     progress:bool=True, # show fastai's progress bar and table; `False` trains silently
 ) -> Learner:
