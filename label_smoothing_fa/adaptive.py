@@ -98,7 +98,7 @@ class EpsScheduler(Callback):
         # `ParamScheduler.after_fit` (order 60) sets `recorder.hps` to its own dict: ours goes in it
         scheds = [cb for cb in self.learn.cbs if isinstance(cb, ParamScheduler)]
         hps = getattr(scheds[0], 'hps', {}) if scheds else {}
-        hps['eps'] = fit_eps
+        hps['ls_eps'] = fit_eps
         self.learn.recorder.hps = hps
 
     def restore(self):

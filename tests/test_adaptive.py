@@ -88,7 +88,7 @@ def test_each_batch_at_the_scheduled_eps(case):
         assert len(eps) == n_copies >= 1 and eps == pytest.approx([e] * n_copies, abs=1e-12)  # the loss and BaseLoss's copy
         assert loss == pytest.approx(reference(pred, y, e), abs=2e-6)
     assert [getattr(o, a) for o in probe.chain for a in ('eps', 'label_smoothing') if a in vars(o)] == [eps0] * n_copies
-    assert learn.recorder.hps == {'eps': h['eps'].tolist()}
+    assert learn.recorder.hps == {'ls_eps': h['eps'].tolist()}
 
 def test_compiled_loss_is_not_recompiled_per_eps():
     "The package's loss under torch.compile takes a new eps without a graph per value (torch's own CE specialises on it)"
@@ -127,14 +127,14 @@ def test_one_cycle_hps_and_plot_sched():
     import matplotlib.pyplot as plt
     learn = fit(make_learner(LabelSmoothingCrossEntropy(0.1), [EpsScheduler(SchedLin(0.2, 0.))]), 3, how='fit_one_cycle')
     hps = learn.recorder.hps
-    assert set(hps) == {'lr', 'mom', 'eps'} and len(hps['lr']) == len(hps['eps']) == 12
-    assert hps['eps'] == pytest.approx([0.2 * (1 - i / 12) for i in range(12)], abs=1e-12)
+    assert set(hps) == {'lr', 'mom', 'ls_eps'} and len(hps['lr']) == len(hps['ls_eps']) == 12
+    assert hps['ls_eps'] == pytest.approx([0.2 * (1 - i / 12) for i in range(12)], abs=1e-12)
     assert hps['lr'] == learn.recorder.lrs  # fastai's own record of the same batches
     learn.recorder.plot_sched()
     assert len(plt.gcf().axes) == 4
     plt.close('all')
     fit(learn, 1)  # a plain fit after it: the Recorder's hps are this fit's, not the stale lr of the last
-    assert set(learn.recorder.hps) == {'eps'} and learn.recorder.hps['eps'] == pytest.approx([0.2 * (1 - i / 4) for i in range(4)], abs=1e-12)
+    assert set(learn.recorder.hps) == {'ls_eps'} and learn.recorder.hps['ls_eps'] == pytest.approx([0.2 * (1 - i / 4) for i in range(4)], abs=1e-12)
 
 @pytest.mark.parametrize('case', ['ours', 'fastai-ls-flat', 'torch-ce', 'ours-bce-flat'])
 def test_entropy_logger_follows_the_schedule(case):
@@ -163,7 +163,7 @@ def test_callback_order_independent_hps():
     cb = EpsScheduler(SchedLin(0.2, 0.))
     cb.order = 70  # after ParamScheduler's after_fit
     learn = fit(make_learner(LabelSmoothingCrossEntropy(0.1), [cb]), 1, how='fit_one_cycle')
-    assert set(learn.recorder.hps) == {'lr', 'mom', 'eps'}
+    assert set(learn.recorder.hps) == {'lr', 'mom', 'ls_eps'}
 
 def test_valid_loss_at_last_training_eps():
     learn = fit(make_learner(LabelSmoothingCrossEntropyFlat(0.1), [EpsScheduler(SchedLin(0.5, 0.))]), 2)
@@ -217,7 +217,7 @@ def test_fine_tune_lr_find_get_preds(tmp_path):
     h = learn.eps_scheduler.history
     assert h['fit'].tolist() == [0] * 4 + [1] * 8 and h['iter'].tolist() == list(range(12))
     assert h['eps'].tolist() == pytest.approx([0.3 - 0.2 * i / 4 for i in range(4)] + [0.3 - 0.2 * i / 8 for i in range(8)])
-    assert learn.recorder.hps['eps'] == h['eps'].tolist()[4:]
+    assert learn.recorder.hps['ls_eps'] == h['eps'].tolist()[4:]
     before = h.copy()
     with learn.no_bar(): learn.lr_find(num_it=8, show_plot=False)
     learn.get_preds(); learn.validate(); learn.tta(n=1)
