@@ -189,7 +189,8 @@ class OnlineLabelSmoothing(Callback):
         K, axis = pred.shape[self._axis], self._axis
         p = _f32(pred.as_subclass(Tensor)).softmax(axis).movedim(axis, -1).reshape(-1, K)
         y = _labels(y, pred, axis).to(p.device)
-        counted = (y != self._ignore) & (p.argmax(1) == y)
+        top_p, top = p.max(1)  # a NaN prediction: NaN, at its NaN's index; never correct
+        counted = (y != self._ignore) & (top == y) & ~top_p.isnan()
         if self._sums is None:
             self._sums = torch.zeros(K, K, dtype=torch.float64, device=p.device)
             self._counts = torch.zeros(K, dtype=torch.float64, device=p.device)

@@ -212,7 +212,11 @@ def _kept_rows(pred:Tensor, y:Tensor, axis:int, ignore_index:int) -> tuple:
     rows, labels = x.movedim(axis, -1).reshape(-1, x.shape[axis]), _labels(y, pred, axis)
     _check_positions(len(labels), len(rows), pred, axis)
     kept = labels != ignore_index
-    return rows[kept], labels[kept]
+    rows, labels, K = rows[kept], labels[kept], x.shape[axis]
+    if ((labels < 0) | (labels >= K)).any():  # they would count as errors: silently wrong
+        raise ValueError(f"`targets` holds class indices outside [0, {K}) that are not "
+                         f"`ignore_index` ({ignore_index})")
+    return rows, labels
 
 def _label_columns(x:Tensor) -> Tensor:
     "The label (index on axis 1) of each of `x`'s entries, in memory order"

@@ -282,7 +282,10 @@ def _softmax_parts(x:Tensor, axis:int, idx, soft, v, v_has_zeros:bool):
         p_y = p.gather(axis, idx.unsqueeze(axis)).squeeze(axis)
         lse_c = -p_y.log()  # lse - x_y = -log p_y: no pass over the logits
         small = ~(p_y >= 1e-6)  # p_y's relative error would show (and p_y = 0, NaN): the slow way
-        if small.any(): lse_c[small] = torch.logsumexp(x[small].to(dt) - c[small].unsqueeze(-1), -1)
+        if small.any():  # shifted by the row's largest logit: x - c stays finite, never inf - inf
+            m = x[small].amax(-1).to(dt)
+            c[small] = torch.where(m.isfinite(), m, c[small])
+            lse_c[small] = torch.logsumexp(x[small].to(dt) - c[small].unsqueeze(-1), -1)
         return p, lse_c, x_y - c, _row_sums(x, c, c + lse_c, v, v_has_zeros), None
     m = x.amax(axis, keepdim=True).to(dt)  # classes strided (segmentation)
     z = torch.sub(x, m)

@@ -537,3 +537,18 @@ def test_online_distributed_two_processes(tmp_path):
         prior, counted = torch.load(tmp_path/f'{rank}.pt')
         assert counted == single_counted and torch.allclose(prior, single_prior, atol=1e-6)
     assert not dist.is_initialized()
+
+def test_online_nan_prediction_is_never_correct():
+    "Regression: a NaN prediction (argmax: its NaN's index) counted as correct and made the next prior NaN, then the loss refused it"
+    table = torch.tensor([[.7, .2, .1, 0, 0], [float('nan')] * 5, [.2, .5, .3, 0, 0]])
+    class Fixed(nn.Module):
+        def __init__(self): super().__init__(); self.w = nn.Parameter(torch.zeros(()))
+        def forward(self, i): return (table[i.long()] + 1e-9).log() + self.w
+    items = list(zip(torch.arange(3), torch.tensor([0, 0, 1])))
+    ols = OnlineLabelSmoothing(0.5)
+    learn = Learner(DataLoaders(DataLoader(items, bs=3), DataLoader(items, bs=3)), Fixed(), loss_func=LabelSmoothingCrossEntropy(0.1), cbs=[ols])
+    fit(learn, 2, lr=0)
+    # epoch 0: rows 0 and 2, not the NaN row; the NaN gradient makes every prediction of epoch 1 NaN: none counted
+    assert ols.history['n_correct'].tolist() == [2, 0]
+    assert torch.isfinite(ols.prior).all() and torch.allclose(ols.prior[0], table[0] / table[0].sum())
+    assert math.isnan(learn.recorder.values[-1][0])  # the NaN shows in the training loss

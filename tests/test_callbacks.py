@@ -613,3 +613,46 @@ def test_interrupted_fit_then_new_fit():
     fit(learn)
     h = learn.entropy_logger.history
     assert h['iter'].tolist() == list(range(10)) and h['fit'].tolist() == [0] * 6 + [1] * 4
+
+def test_calibration_refuses_targets_out_of_range():
+    "Regression: a class index outside [0, K) (not `ignore_index`) counted as an error, silently; now refused"
+    probs = torch.tensor([[.7, .3], [.2, .8]])
+    for bad in ([0, 2], [-1, 1]):
+        for f in (callbacks.adaptive_ece, callbacks.classwise_ece, callbacks.aurc):
+            with pytest.raises(ValueError, match='`targets` holds class indices outside'): f(probs, torch.tensor(bad))
+        with pytest.raises(ValueError, match='`targets` holds class indices outside'):
+            callbacks.fit_temperature(probs.log(), torch.tensor(bad))
+    assert callbacks.aurc(probs, torch.tensor([0, -100])) == 0.  # `ignore_index` is still left out
+
+from hypothesis import given, settings, strategies as st, HealthCheck
+
+def numpy_classwise_ece(p, y, n_bins):
+    "Mean over classes of the equal-width ECE of p_k against [y = k]; torchmetrics' bins: [lo, hi), 1.0 on its own"
+    edges = np.linspace(0, 1, n_bins + 1).astype(np.float32).astype(np.float64)
+    def ece(pk, hit):
+        b = np.searchsorted(edges, pk, side='right') - 1
+        return sum(abs(hit[b == j].sum() - pk[b == j].sum()) for j in range(n_bins + 1)) / len(pk)
+    return np.mean([ece(p[:, k], (y == k).astype(float)) for k in range(p.shape[1])])
+
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.integers(1, 6), st.integers(0, 25), st.booleans(), st.integers(0, 2**16),
+       st.sampled_from(['random', 'ties', 'onehot', 'quantised']), st.sampled_from([torch.float16, torch.float32, torch.float64]),
+       st.integers(1, 20), st.booleans())
+def test_calibration_functions_match_numpy(K, N, seg, seed, kind, dtype, n_bins, ignore):
+    "ACE, classwise ECE and AURC against float64 numpy: ties, probabilities 0 and 1, N < n_bins, float16, segmentation"
+    g = torch.Generator().manual_seed(seed)
+    shape, rshape = ((N, K, 2, 3), (N, 2, 3)) if seg else ((N, K), (N,))
+    z = torch.randn(shape, generator=g, dtype=torch.float64) * 3
+    p = z.round().softmax(1) if kind == 'ties' else z.softmax(1)
+    if kind == 'onehot': p = F.one_hot(z.argmax(1), K).movedim(-1, 1).double()
+    if kind == 'quantised': p = (p * 4).round() / 4; p = p / p.sum(1, keepdim=True).clamp_min(1e-9)
+    p = p.to(dtype)
+    y = torch.randint(0, K, rshape, generator=g)
+    if ignore: y = torch.where(torch.rand(rshape, generator=g) < .3, -100, y)
+    p64 = (p.float() if dtype == torch.float16 else p).double().movedim(1, -1).reshape(-1, K).numpy()
+    y64 = y.reshape(-1).numpy()
+    p64, y64 = p64[y64 != -100], y64[y64 != -100]
+    got = [callbacks.adaptive_ece(p, y, n_bins), callbacks.classwise_ece(p, y, n_bins), callbacks.aurc(p, y)]
+    if len(y64) == 0: assert got == [None] * 3; return
+    for g_, r in zip(got, [numpy_ace(p64, y64, n_bins), numpy_classwise_ece(p64, y64, n_bins), numpy_aurc(p64, y64)]):
+        assert abs(g_ - r) <= 1e-6, (got, r)
