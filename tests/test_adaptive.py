@@ -403,7 +403,7 @@ def test_online_keeps_the_row_of_a_class_without_correct_samples():
     fit(learn, 2, lr=0)
     first, second = ols.priors
     assert ols.history[['n_correct', 'n_empty']].values.tolist() == [[3, 2], [2, 3]]
-    assert torch.allclose(first[2], probs[0][1] / probs[0][1].sum() + 0 * first[2], atol=1e-6)  # class 2's one right prediction
+    assert torch.allclose(first[2], probs[0][1] / probs[0][1].sum(), atol=1e-6)  # class 2's one right prediction
     assert torch.equal(second[2], first[2])  # none in epoch 1: kept
     assert torch.allclose(second[0], probs[1][0], atol=1e-6) and torch.allclose(second[1], probs[1][2], atol=1e-6)
     assert torch.allclose(first[3], torch.full((K,), 1 / K)) and torch.equal(second[3], first[3])  # never seen: uniform
