@@ -12,6 +12,7 @@ from fastai.data.load import DataLoader
 from fastai.data.transforms import ItemGetter
 from fastai.learner import Learner, load_learner
 
+from fakes import PaddedShard
 from label_smoothing_fa.adaptive import EpsScheduler
 from label_smoothing_fa.callbacks import _loss_chain
 from label_smoothing_fa.losses import LabelSmoothingCrossEntropy, LabelSmoothingCrossEntropyFlat, smooth_targets
@@ -498,21 +499,6 @@ def test_online_refusals():
     with pytest.raises(ValueError, match='`warmup_eps` must be a number'): OnlineLabelSmoothing(warmup_eps='0.1')
 
 # ---- torch.distributed: two processes, each training on its shard, learn the prior of the whole training set ----
-
-class PaddedShard:
-    "Process `rank`'s share of the items as fastai's `DistributedDL` deals it: padded by repeating the first items, with `n`, `n_padded` and `i`"
-    def __init__(self, x, y, rank, world_size, bs):
-        self.n, self.rank, self.world_size, self.bs = len(x), rank, world_size, bs
-        self.n_padded = -(-self.n // world_size) * world_size
-        idxs = list(range(self.n)); idxs += idxs[:self.n_padded - self.n]
-        per = self.n_padded // world_size
-        self.idxs, self.x, self.y = idxs[rank * per:(rank + 1) * per], x, y
-    def __len__(self): return -(-len(self.idxs) // self.bs)
-    def __iter__(self):
-        self.i = 0
-        for k in range(0, len(self.idxs), self.bs):
-            b = self.idxs[k:k + self.bs]; self.i += len(b)
-            yield self.x[b], self.y[b]
 
 def _run_online(rank=0, world_size=1):
     "One epoch at lr=0 (the weights as initialised) on this process's shard of 101 items; the learned prior"

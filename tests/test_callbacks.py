@@ -14,6 +14,7 @@ from fastai.data.load import DataLoader
 from fastai.interpret import Interpretation
 from fastai.learner import Learner, Recorder, load_learner
 
+from fakes import PaddedShard, multilabel_segmentation_dls
 from label_smoothing_fa.callbacks import EntropyLogger
 from label_smoothing_fa.losses import LabelSmoothingCrossEntropy, LabelSmoothingCrossEntropyFlat, smooth_targets
 
@@ -293,21 +294,6 @@ def test_plots():
 
 # ---- torch.distributed: two processes, each validating half, log the values of the whole ----
 
-class PaddedShard:
-    "Process `rank`'s share of the items as fastai's `DistributedDL` deals it (padded by repeating the first items, with `n`, `n_padded` and `i`); `DistributedDL` itself needs accelerate and CUDA"
-    def __init__(self, x, y, rank, world_size, bs):
-        self.n, self.rank, self.world_size, self.bs = len(x), rank, world_size, bs
-        self.n_padded = -(-self.n // world_size) * world_size
-        idxs = list(range(self.n)); idxs += idxs[:self.n_padded - self.n]
-        per = self.n_padded // world_size
-        self.idxs, self.x, self.y = idxs[rank * per:(rank + 1) * per], x, y
-    def __len__(self): return -(-len(self.idxs) // self.bs)
-    def __iter__(self):
-        self.i = 0
-        for k in range(0, len(self.idxs), self.bs):
-            b = self.idxs[k:k + self.bs]; self.i += len(b)
-            yield self.x[b], self.y[b]
-
 def _run(kind, rank=0, world_size=1):
     "Fit one epoch (lr=0: the weights stay as initialised) validating this process's share of 101 items; the logged values (calibration: gathered)"
     xv, yv = make_data(101, 'flat', 2)
@@ -479,12 +465,7 @@ def test_calibration_degenerate_temperature():
 
 def test_calibration_multilabel():
     "Multi-label segmentation output (N, L, H, W) with ignored entries: each kept entry a two-class sample, cw_ece per label"
-    torch.manual_seed(0)
-    x = torch.randn(96, 2, 4, 4)
-    y = torch.stack([(x[:, 0] > 0), (x[:, 1] > 0.5), (x.sum(1) > 0)], 1).float()
-    y = torch.where(torch.rand(y.shape) < 0.2, -1., y)
-    ds = list(zip(x, y))
-    dls = DataLoaders(DataLoader(ds[:64], bs=16, shuffle=True), DataLoader(ds[64:], bs=16))
+    dls = multilabel_segmentation_dls()
     learn = Learner(dls, nn.Conv2d(2, 3, 1), loss_func=LabelSmoothingBCEWithLogitsFlat(0.1, ignore_index=-1), lr=0.05,
                     cbs=[EntropyLogger(calibration=True)])
     fit(learn, 2, 0.05)

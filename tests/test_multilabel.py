@@ -10,6 +10,7 @@ from fastai.learner import Learner, load_learner
 from fastai.metrics import accuracy_multi
 from hypothesis import given, settings, strategies as st, HealthCheck
 
+from fakes import multilabel_segmentation_dls
 from label_smoothing_fa.multilabel import (LabelSmoothingBCEWithLogits, LabelSmoothingBCEWithLogitsFlat,
                                            label_smoothing_bce_with_logits, reference_label_smoothing_bce,
                                            smooth_multilabel_targets)
@@ -284,14 +285,7 @@ def test_entropy_logger_multilabel(loss):
 
 def test_entropy_logger_ignored_labels_and_segmentation():
     "Segmentation-shaped output (N, K, H, W) with ignored labels, through a plain DataLoaders"
-    from fastai.data.core import DataLoaders
-    from fastai.data.load import DataLoader
-    torch.manual_seed(0)
-    x = torch.randn(96, 2, 4, 4)
-    y = torch.stack([(x[:, 0] > 0), (x[:, 1] > 0.5), (x.sum(1) > 0)], 1).float()
-    y = torch.where(torch.rand(y.shape) < 0.2, -1., y)
-    ds = list(zip(x, y))
-    dls = DataLoaders(DataLoader(ds[:64], bs=16, shuffle=True), DataLoader(ds[64:], bs=16))
+    dls = multilabel_segmentation_dls()
     loss = LabelSmoothingBCEWithLogitsFlat(0.1, ignore_index=-1, prior=torch.tensor([.5, .3, .5]))
     learn = Learner(dls, nn.Conv2d(2, 3, 1), loss_func=loss, lr=0.05, cbs=[EntropyLogger()])
     with learn.no_bar(), learn.no_logging(): learn.fit(2)
