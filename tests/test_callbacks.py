@@ -637,3 +637,14 @@ def test_calibration_functions_match_numpy(K, N, seg, seed, kind, dtype, n_bins,
     if len(y64) == 0: assert got == [None] * 3; return
     for g_, r in zip(got, [numpy_ace(p64, y64, n_bins), numpy_classwise_ece(p64, y64, n_bins), numpy_aurc(p64, y64)]):
         assert abs(g_ - r) <= 1e-6, (got, r)
+
+def test_calibration_off_by_default(monkeypatch):
+    "Without `calibration=True` the logger keeps no validation samples and adds no calibration columns"
+    import label_smoothing_fa.callbacks as cbs_module
+    calls, samples = [], cbs_module._samples
+    monkeypatch.setattr(cbs_module, '_samples', lambda *a, **k: calls.append(1) or samples(*a, **k))
+    learn = fit(make_learner(LabelSmoothingCrossEntropy(0.1), [EntropyLogger()]))
+    assert not calls and learn.entropy_logger._valid_samples == []
+    assert not set(CALIBRATION) & set(learn.recorder.metric_names)
+    fit(make_learner(LabelSmoothingCrossEntropy(0.1), [EntropyLogger(calibration=True)]))
+    assert calls  # the check sees the samples being kept when asked
