@@ -4,6 +4,7 @@
 
 # %% ../nbs/01_callbacks.ipynb #7a3d1978
 from __future__ import annotations
+import numbers
 import torch, torch.distributed as dist
 import pandas as pd, matplotlib.pyplot as plt
 from torch import Tensor
@@ -256,9 +257,9 @@ def _top_label(probs:Tensor, labels:Tensor) -> tuple:
 # %% ../nbs/01_callbacks.ipynb #ced6d5a0
 def _check_positive_int(name:str, n) -> int:
     "`n`, if it is a positive integer"
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:  # numpy's too
         raise ValueError(f"`{name}` must be a positive integer, got {n!r}")
-    return n
+    return int(n)
 
 _NAN = float('nan')
 
@@ -455,7 +456,7 @@ class EntropyLogger(Callback):
         calibration:bool=False, # `ace`, `cw_ece`, `temperature`, `aurc` too: keeps valid logits
     ):
         super().__init__()
-        _check_positive_int('n_bins', n_bins); _check_positive_int('every', every)
+        n_bins, every = _check_positive_int('n_bins', n_bins), _check_positive_int('every', every)
         # per-label: `multilabel=True`
         prior = _check_label_prior(prior) if multilabel else _check_prior(prior)
         self.eps, self.prior = None if eps is None else _check_eps(eps), prior

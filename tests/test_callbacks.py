@@ -648,3 +648,13 @@ def test_calibration_off_by_default(monkeypatch):
     assert not set(CALIBRATION) & set(learn.recorder.metric_names)
     fit(make_learner(LabelSmoothingCrossEntropy(0.1), [EntropyLogger(calibration=True)]))
     assert calls  # the check sees the samples being kept when asked
+
+def test_counts_as_numpy_integers():
+    "`n_bins` and `every` may be numpy integers (stored as int); bools and floats are refused"
+    probs, targs = torch.softmax(torch.randn(50, 4), 1), torch.randint(0, 4, (50,))
+    from label_smoothing_fa.callbacks import adaptive_ece
+    assert adaptive_ece(probs, targs, n_bins=np.int64(5)) == adaptive_ece(probs, targs, n_bins=5)
+    logger = EntropyLogger(n_bins=np.int64(5), every=np.int32(2))
+    assert type(logger.n_bins) is int and type(logger.every) is int and logger.n_bins == 5
+    for bad in (True, 2.0, np.float64(2)):
+        with pytest.raises(ValueError, match='`n_bins` must be a positive integer'): EntropyLogger(n_bins=bad)
