@@ -461,16 +461,17 @@ def _dense_label_smoothing(x, idx, soft, cT, cv, A, v, axis, reduction):
     along = lambda c: c.unsqueeze(axis) if isinstance(c, Tensor) and c.ndim else c  # one per row
     if isinstance(A, Tensor) and A.ndim:  # rows without target weight: their logits play no part
         x = x.masked_fill(along(A) == 0, 0)
-    lp = torch.log_softmax(_f32(x), axis)
-    if soft is not None: negB = soft * -along(cT)
-    else: negB = torch.zeros_like(lp).scatter_(axis, idx.unsqueeze(axis), -along(cT))
+    # in float64: logits spanning more than float32's range keep a finite log-probability
+    lp, dt = torch.log_softmax(x.double(), axis), _f32_dtype(x.dtype)
+    if soft is not None: negB = soft * -along(cT)  # B in the coefficients' type
+    else: negB = torch.zeros_like(lp, dtype=dt).scatter_(axis, idx.unsqueeze(axis), -along(cT))
     prior_part = along(cv) * _prior_part(v, lp, axis)
     negB.sub_(prior_part)  # -B: no autograd step for the sign
     terms = torch.where(negB == 0, 0., lp * negB)  # a class without target weight adds 0, always
     # summed in float64: the small smoothing terms are not rounded away against the target's
     if reduction == 'none': loss = terms.sum(axis, dtype=torch.float64)
     else: loss = terms.sum(dtype=torch.float64)
-    return loss.to(lp.dtype)
+    return loss.to(dt)
 
 # %% ../nbs/00_losses.ipynb #d724dd9e
 def label_smoothing_cross_entropy(

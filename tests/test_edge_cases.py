@@ -185,3 +185,12 @@ def test_huge_finite_logits_never_nan(seed, scale, K, prior, axis, soft, path, w
     assert not (grad.isnan() & ~g_ref.isnan()).any(), (grad, g_ref)
     small = ref.abs() < 1e30  # no overflow on the way: the float32 answer
     assert_close(loss[small], ref[small], 2e-5, 2e-5 * (1 + magnitude(ref[small])))
+
+def test_dense_path_exact_across_float32_range():
+    "Small inputs: logits spanning more than float32's range give the float64 loss, not inf"
+    x = torch.tensor([[-3e38, -3e38, 1e38, 3e38, 2e38], [3e38, -3e38, 0., 0., 0.]])
+    y = torch.tensor([3, 0])
+    for prior in (None, 'others', torch.tensor([.1, .2, .3, .2, .2])):
+        got = label_smoothing_cross_entropy(x, y, reduction='none', prior=prior)
+        want = reference_label_smoothing_cross_entropy(x.double(), y, reduction='none', prior=prior)
+        assert torch.isfinite(want).all() and torch.allclose(got.double(), want, rtol=1e-6)
