@@ -34,9 +34,9 @@ test: setup sync nbtest docs dist latest pytest
 sync: setup
 	$(BIN)/python tools/check_sync.py
 
-## Every notebook runs top to bottom, two at a time, one thread each (two processes on two cores: no oversubscription).
+## Every notebook runs top to bottom.
 nbtest: setup
-	OMP_NUM_THREADS=1 $(BIN)/nbdev_test --n_workers 2 --timing
+	$(BIN)/nbdev_test --n_workers 2 --timing
 
 ## The docs site (Sphinx + MyST-NB over nbdev's processed notebooks) and its check.
 docs: setup
