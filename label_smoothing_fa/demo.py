@@ -4,27 +4,89 @@
 
 # %% ../nbs/02_demo.ipynb #31870366
 from __future__ import annotations
-import argparse, sys
+import argparse, math, os, sys
+from pathlib import Path
 
 _DESCRIPTION = ("Train a small CNN on scikit-learn's digits with plain cross-entropy and "
                 "with label smoothing, print the comparison and save the plots")
 
+def _number(kind:type, v):
+    "`v` (a value, or the command line's text) as an `int` or a `float`; `ValueError` if it is not one"
+    what = 'an integer' if kind is int else 'a number'
+    if isinstance(v, str):
+        try: return kind(v)
+        except ValueError: raise ValueError(f"must be {what}, got {v!r}") from None
+    if isinstance(v, bool) or not isinstance(v, (int, float) if kind is float else int):
+        raise ValueError(f"must be {what}, got {v!r}")
+    return kind(v)
+
+def _epochs(v) -> int:
+    "At least one epoch: without one there is nothing to compare or plot"
+    n = _number(int, v)
+    if n < 1: raise ValueError(f"must be at least 1, got {n}")
+    return n
+
+def _lr(v) -> float:
+    x = _number(float, v)
+    if not (math.isfinite(x) and x > 0): raise ValueError(f"must be a positive number, got {v!r}")
+    return x
+
+def _eps(v) -> float:
+    "The smoothing `LabelSmoothingCrossEntropy` takes: [0, 1]"
+    x = _number(float, v)
+    if not 0 <= x <= 1: raise ValueError(f"must be in [0, 1], got {v!r}")  # NaN too
+    return x
+
+def _seed(v) -> int:
+    "A seed numpy takes too: [0, 2**32)"
+    n = _number(int, v)
+    if not 0 <= n < 2**32: raise ValueError(f"must be in [0, 2**32), got {n}")
+    return n
+
+def _out(v) -> Path:
+    "A folder that is there or can be made, checked before the training rather than after it"
+    p = Path(v)
+    if p.exists() and not p.is_dir(): raise ValueError(f"{str(p)!r} is not a folder")
+    there = next(a for a in (p.absolute(), *p.absolute().parents) if a.exists())
+    if not there.is_dir() or not os.access(there, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot make or write the folder {str(p)!r}")
+    return p
+
+_OPTIONS = {'out': _out, 'epochs': _epochs, 'lr': _lr, 'eps': _eps, 'seed': _seed}  # each option's check
+
+def _checked(name:str, v):
+    "`v` checked as option `name`; a `ValueError` naming the argument if it is refused"
+    try: return _OPTIONS[name](v)
+    except ValueError as e: raise ValueError(f"`{name}` {e}") from None
+
+def _option_type(name:str):
+    "`_OPTIONS[name]` as an argparse `type`: argparse's own error, naming the option, and exit status 2"
+    def parse(text:str):
+        try: return _OPTIONS[name](text)
+        except ValueError as e: raise argparse.ArgumentTypeError(str(e)) from None
+    return parse
+
 def _parser() -> argparse.ArgumentParser:
     "The command line's options"
     p = argparse.ArgumentParser(prog='python -m label_smoothing_fa.demo', description=_DESCRIPTION)
-    p.add_argument('--out', default='demo_output', help='plots folder (default: demo_output)')
-    p.add_argument('--epochs', type=int, default=5, help='epochs of each run (default: 5)')
-    p.add_argument('--lr', type=float, default=1e-2, help='maximum learning rate (default: 0.01)')
-    p.add_argument('--eps', type=float, default=0.1, help='smoothing, 2nd run (default: 0.1)')
-    p.add_argument('--seed', type=int, default=42, help='seed of both runs (default: 42)')
+    p.add_argument('--out', type=_option_type('out'), default='demo_output',
+                   help='plots folder (default: demo_output)')
+    p.add_argument('--epochs', type=_option_type('epochs'), default=5, help='epochs of each run, >= 1 (default: 5)')
+    p.add_argument('--lr', type=_option_type('lr'), default=1e-2, help='maximum learning rate, > 0 (default: 0.01)')
+    p.add_argument('--eps', type=_option_type('eps'), default=0.1, help='smoothing of the 2nd run, in [0, 1] (default: 0.1)')
+    p.add_argument('--seed', type=_option_type('seed'), default=42, help='seed of both runs, in [0, 2**32) (default: 42)')
     return p
 
-# run as a script: read the options before torch and fastai load, so that `--help` answers at once
-if __name__ == '__main__' and '__file__' in globals(): _args = _parser().parse_args()
+# run as a script: read the options before torch and fastai load, so that `--help` and errors answer at once
+if __name__ == '__main__' and '__file__' in globals():
+    _args = _parser().parse_args()
+    import warnings  # fastai's layers call `torch.jit.script`, which torch 2.14 deprecates: not the demo's output
+    warnings.filterwarnings('ignore', message=r'`torch\.jit\.script` is deprecated', category=FutureWarning,
+                            module=r'torch\.jit\._script')
 
 # %% auto #0
-__all__ = ['digits_items', 'digits_dls', 'digits_cnn', 'train', 'calibration_error', 'summarize', 'compare', 'summary_table',
-           'recorder_table', 'plot_curves', 'plot_reliability', 'main']
+__all__ = ['main', 'compare', 'summary_table', 'recorder_table', 'plot_curves', 'plot_reliability', 'digits_items', 'digits_dls',
+           'digits_cnn', 'train', 'calibration_error', 'summarize']
 
 # %% ../nbs/02_demo.ipynb #b1d0e2a7
 from collections.abc import Callable
@@ -49,6 +111,83 @@ import fastai.callback.schedule, fastai.callback.progress  # `fit_one_cycle`, th
 import fastprogress.fastprogress
 from .losses import LabelSmoothingCrossEntropy
 from .callbacks import EntropyLogger, _calibration_bins, _ece
+
+# %% ../nbs/02_demo.ipynb #14180d5f
+def main(
+    out:str|Path='demo_output', # folder for the plots, created if needed
+    epochs:int=5, # epochs of each run
+    lr:float=1e-2, # maximum learning rate
+    eps:float=0.1, # label smoothing of the second run
+    seed:int=42, # the same seed for both runs
+    progress:bool=True, # show fastai's progress table
+) -> pd.DataFrame:
+    "Train with and without label smoothing on the digits, print the comparison, plot into `out`"
+    out, epochs, lr, eps, seed = (_checked(k, v) for k, v in
+                                  dict(out=out, epochs=epochs, lr=lr, eps=eps, seed=seed).items())
+    out.mkdir(parents=True, exist_ok=True)
+    no_bar = fastprogress.fastprogress.NO_BAR
+    fastprogress.fastprogress.NO_BAR = no_bar or not sys.stdout.isatty()  # bars only on a terminal
+    try: learners = compare(epochs, lr, eps, seed, progress)
+    finally: fastprogress.fastprogress.NO_BAR = no_bar
+    summary = summary_table(learners)
+    n_valid = len(next(iter(learners.values())).dls.valid_ds)
+    with pd.option_context('display.float_format', '{:.4f}'.format, 'display.width', 120):
+        print(f"\nOn the {n_valid} validation images:\n{summary}")
+    for fname, plot in (('entropy_curves.png', plot_curves), ('reliability.png', plot_reliability)):
+        fig = plot(learners)
+        fig.savefig(out/fname, dpi=100)
+        plt.close(fig)
+    print(f"\nPlots saved in {out.resolve()}: entropy_curves.png, reliability.png")
+    return summary
+
+# %% ../nbs/02_demo.ipynb #0812cec4
+def compare(
+    epochs:int=5, # epochs of each run
+    lr:float=1e-2, # maximum learning rate
+    eps:float=0.1, # label smoothing of the second run
+    seed:int=42, # the same seed for both runs
+    progress:bool=True, # show fastai's progress bar and table, under the run's name
+) -> dict:
+    "Train with cross-entropy and `LabelSmoothingCrossEntropy(eps)`, each with an `EntropyLogger`"
+    runs = {'cross-entropy': (CrossEntropyLossFlat(), EntropyLogger(eps)),
+            f'label smoothing (eps={eps})': (LabelSmoothingCrossEntropy(eps), EntropyLogger())}
+    learners = {}
+    for name, (loss_func, logger) in runs.items():
+        if progress: print(f"\n{name}:")
+        learners[name] = train(loss_func, cbs=logger, epochs=epochs, lr=lr, seed=seed,
+                               progress=progress)
+    return learners
+
+def summary_table(
+    learners:dict, # run name -> trained `Learner`
+    n_bins:int=15, # confidence bins of the calibration error
+) -> pd.DataFrame:
+    "`summarize` of each `Learner`, one column per run"
+    return pd.DataFrame({name: summarize(learn, n_bins) for name, learn in learners.items()})
+
+def recorder_table(learn:Learner) -> pd.DataFrame:
+    "The losses and metrics `learn.recorder` kept for each epoch, as a DataFrame"
+    names = [n for n in learn.recorder.metric_names if n not in ('epoch', 'time')]
+    return pd.DataFrame(list(learn.recorder.values), columns=names).rename_axis('epoch')
+
+# %% ../nbs/02_demo.ipynb #24950716
+def _side_by_side(learners:dict, draw:str, size:tuple) -> plt.Figure:
+    "One panel per run, drawn by the `EntropyLogger` method `draw`, titled with the run's name"
+    n = len(learners)
+    fig, axs = plt.subplots(1, n, figsize=(size[0] * n, size[1]), squeeze=False)
+    for ax, (name, learn) in zip(axs[0], learners.items()):
+        getattr(learn.entropy_logger, draw)(ax=ax)
+        ax.set_title(f"{name}\n{ax.get_title()}")
+    fig.tight_layout()
+    return fig
+
+def plot_curves(learners:dict) -> plt.Figure:
+    "The `EntropyLogger` training curves of each run, side by side"
+    return _side_by_side(learners, 'plot', (6.5, 4.5))
+
+def plot_reliability(learners:dict) -> plt.Figure:
+    "The reliability diagram of each run's last validation epoch, side by side"
+    return _side_by_side(learners, 'plot_reliability', (4.5, 5))
 
 # %% ../nbs/02_demo.ipynb #bee942e3
 def digits_items() -> list:
@@ -145,80 +284,5 @@ def summarize(
             'ece': calibration_error(probs, targs, n_bins),
             'confidence': probs.max(1).values.mean().item()}
 
-# %% ../nbs/02_demo.ipynb #0812cec4
-def compare(
-    epochs:int=5, # epochs of each run
-    lr:float=1e-2, # maximum learning rate
-    eps:float=0.1, # label smoothing of the second run
-    seed:int=42, # the same seed for both runs
-    progress:bool=True, # show fastai's progress bar and table, under the run's name
-) -> dict:
-    "Train with cross-entropy and `LabelSmoothingCrossEntropy(eps)`, each with an `EntropyLogger`"
-    runs = {'cross-entropy': (CrossEntropyLossFlat(), EntropyLogger(eps)),
-            f'label smoothing (eps={eps})': (LabelSmoothingCrossEntropy(eps), EntropyLogger())}
-    learners = {}
-    for name, (loss_func, logger) in runs.items():
-        if progress: print(f"\n{name}:")
-        learners[name] = train(loss_func, cbs=logger, epochs=epochs, lr=lr, seed=seed,
-                               progress=progress)
-    return learners
-
-def summary_table(
-    learners:dict, # run name -> trained `Learner`
-    n_bins:int=15, # confidence bins of the calibration error
-) -> pd.DataFrame:
-    "`summarize` of each `Learner`, one column per run"
-    return pd.DataFrame({name: summarize(learn, n_bins) for name, learn in learners.items()})
-
-def recorder_table(learn:Learner) -> pd.DataFrame:
-    "The losses and metrics `learn.recorder` kept for each epoch, as a DataFrame"
-    names = [n for n in learn.recorder.metric_names if n not in ('epoch', 'time')]
-    return pd.DataFrame(list(learn.recorder.values), columns=names).rename_axis('epoch')
-
-# %% ../nbs/02_demo.ipynb #24950716
-def _side_by_side(learners:dict, draw:str, size:tuple) -> plt.Figure:
-    "One panel per run, drawn by the `EntropyLogger` method `draw`, titled with the run's name"
-    n = len(learners)
-    fig, axs = plt.subplots(1, n, figsize=(size[0] * n, size[1]), squeeze=False)
-    for ax, (name, learn) in zip(axs[0], learners.items()):
-        getattr(learn.entropy_logger, draw)(ax=ax)
-        ax.set_title(f"{name}\n{ax.get_title()}")
-    fig.tight_layout()
-    return fig
-
-def plot_curves(learners:dict) -> plt.Figure:
-    "The `EntropyLogger` training curves of each run, side by side"
-    return _side_by_side(learners, 'plot', (6.5, 4.5))
-
-def plot_reliability(learners:dict) -> plt.Figure:
-    "The reliability diagram of each run's last validation epoch, side by side"
-    return _side_by_side(learners, 'plot_reliability', (4.5, 5))
-
-# %% ../nbs/02_demo.ipynb #14180d5f
-def main(
-    out:str|Path='demo_output', # folder for the plots, created if needed
-    epochs:int=5, # epochs of each run
-    lr:float=1e-2, # maximum learning rate
-    eps:float=0.1, # label smoothing of the second run
-    seed:int=42, # the same seed for both runs
-    progress:bool=True, # show fastai's progress table
-) -> pd.DataFrame:
-    "Train with and without label smoothing on the digits, print the comparison, plot into `out`"
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    no_bar = fastprogress.fastprogress.NO_BAR
-    fastprogress.fastprogress.NO_BAR = no_bar or not sys.stdout.isatty()  # bars only on a terminal
-    try: learners = compare(epochs, lr, eps, seed, progress)
-    finally: fastprogress.fastprogress.NO_BAR = no_bar
-    summary = summary_table(learners)
-    n_valid = len(next(iter(learners.values())).dls.valid_ds)
-    with pd.option_context('display.float_format', '{:.4f}'.format, 'display.width', 120):
-        print(f"\nOn the {n_valid} validation images:\n{summary}")
-    for fname, plot in (('entropy_curves.png', plot_curves), ('reliability.png', plot_reliability)):
-        fig = plot(learners)
-        fig.savefig(out/fname, dpi=100)
-        plt.close(fig)
-    print(f"\nPlots saved in {out.resolve()}: entropy_curves.png, reliability.png")
-    return summary
-
+# %% ../nbs/02_demo.ipynb #c1a0de08
 if __name__ == '__main__' and '__file__' in globals(): main(**vars(_args))
