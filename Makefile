@@ -10,7 +10,7 @@ export IPYTHONDIR := $(CURDIR)/.cache/ipython
 export MPLBACKEND := Agg
 unexport PYTHONDONTWRITEBYTECODE
 
-.PHONY: setup demo test sync nbtest docs dist latest pytest bench
+.PHONY: setup demo test lint sync nbtest docs dist latest pytest bench
 VERSION := $(shell sed -n 's/^version *= *//p' settings.ini)
 WHEEL := dist/label_smoothing_fa-$(VERSION)-py3-none-any.whl
 
@@ -27,16 +27,33 @@ $(VENV)/.done: constraints-dev.txt settings.ini setup.py
 demo: setup
 	$(BIN)/python -m label_smoothing_fa.demo
 
-## Everything CI checks; the output ends with pytest's summary line.
-test: setup sync nbtest docs dist latest pytest
+## Everything CI checks, one stage after another, each within the machine's cores: no stage runs more processes x
+## torch threads than there are cores (TORCH_THREADS each; the notebooks: two at a time, one thread each). The wall
+## time of each stage is printed at the end, just before pytest's summary line, which stays the output's last line.
+CORES := $(shell nproc 2>/dev/null || echo 2)
+TORCH_THREADS ?= $(CORES)
+STAGES := setup lint sync nbtest docs dist latest
+TIMES := .cache/stage_times
+test:
+	@mkdir -p .cache && rm -f $(TIMES)
+	@for stage in $(STAGES); do \
+	  $(PYTHON) tools/stage_times.py run $(TIMES) $$stage -- $(MAKE) --no-print-directory $$stage || exit 1; done
+	@STAGE_TIMES=$(TIMES) $(MAKE) --no-print-directory pytest
+
+## The GitHub workflows (.github/workflows/) are valid: actionlint (without shellcheck, so it checks the same everywhere).
+lint: setup
+	$(BIN)/actionlint -shellcheck= -pyflakes=
 
 ## Exported modules, cleaned notebooks and README.md must already match the notebooks.
 sync: setup
 	$(BIN)/python tools/check_sync.py
 
-## Every notebook runs top to bottom.
+## Every notebook runs top to bottom: NB_WORKERS at a time, with the cores shared out among them (no claim a notebook
+## asserts depends on the thread count).
+NB_WORKERS ?= $(CORES)
 nbtest: setup
-	$(BIN)/nbdev_test --n_workers 2 --timing
+	OMP_NUM_THREADS=$$(( $(CORES) / $(NB_WORKERS) > 0 ? $(CORES) / $(NB_WORKERS) : 1 )) \
+	  $(BIN)/nbdev_test --n_workers $(NB_WORKERS) --timing
 
 ## The docs site (Sphinx + MyST-NB over nbdev's processed notebooks) and its check.
 docs: setup
@@ -56,7 +73,7 @@ $(WHEEL): $(VENV)/.done settings.ini setup.py pyproject.toml MANIFEST.in README.
 latest: $(LATEST)/.done
 	cd tests && $(CURDIR)/$(LATEST)/bin/python -c \
 	  "import label_smoothing_fa as m; assert '/site-packages/' in m.__file__, f'not the wheel: {m.__file__}'"
-	cd tests && $(CURDIR)/$(LATEST)/bin/python -m pytest -q -p no:cacheprovider .
+	cd tests && OMP_NUM_THREADS=$(TORCH_THREADS) $(CURDIR)/$(LATEST)/bin/python -m pytest -q -p no:cacheprovider .
 $(LATEST)/.done: constraints-latest.txt $(WHEEL)
 	test -x $(LATEST)/bin/python || $(PYTHON) -m venv $(LATEST)
 	$(LATEST)/bin/pip uninstall $(PIP) -y label_smoothing_fa 2>/dev/null || true
@@ -64,8 +81,9 @@ $(LATEST)/.done: constraints-latest.txt $(WHEEL)
 	$(LATEST)/bin/pip check
 	touch $@
 
+## The test suite; with STAGE_TIMES (as `make test` sets it) the stages' wall times come just before its summary line.
 pytest: setup
-	$(BIN)/python -m pytest tests
+	OMP_NUM_THREADS=$(TORCH_THREADS) PYTHONPATH=$(CURDIR)/tools$${PYTHONPATH:+:$$PYTHONPATH} $(BIN)/python -m pytest -p stage_times tests
 
 bench: setup
 	$(BIN)/python benchmarks/bench_loss.py

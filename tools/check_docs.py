@@ -214,7 +214,8 @@ def check_files(site, page, p, parsed):
 
 def chromium(install):
     "The Chromium binary; if missing and `install`, installed from Debian's packages first."
-    found = shutil.which('chromium') or shutil.which('chromium-browser')
+    names = ('chromium', 'chromium-browser', 'google-chrome', 'google-chrome-stable')  # GitHub's runners: Chrome
+    found = next(filter(None, map(shutil.which, names)), None)
     if found or not install or not shutil.which('apt-get'): return found
     print('check_docs: installing chromium (apt-get) for the browser checks', flush=True)
     subprocess.run('apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null',
