@@ -55,9 +55,27 @@ def html_name(nb_path):
 
 # ---------------------------------------------------------------- 1. nbdev's processing
 
+def fix_source_lines():
+    """`show_doc`'s source link of a symbol imported from the library ends in `#LNone` in nbdev 2.4 (its line table
+    is keyed by the name inside the module, `EntropyLogger.plot`, but asked for the full name,
+    `label_smoothing_fa.callbacks.EntropyLogger.plot`: AnswerDotAI/nbdev#1418): look up the name inside the module too.
+    Symbols defined in the notebook itself (`__main__`) are found either way; check_docs.py checks every link's line."""
+    import nbdev.doclinks
+    lineno = nbdev.doclinks._lineno
+    if getattr(lineno, 'looks_inside_module', False): return
+    def _lineno(sym, fname):
+        line = lineno(sym, fname)
+        mod = fname[:-3].replace('/', '.') if fname and fname.endswith('.py') else None
+        if line is None and mod and sym.startswith(mod + '.'): line = lineno(sym[len(mod) + 1:], fname)
+        return line
+    _lineno.looks_inside_module = True
+    nbdev.doclinks._lineno = _lineno
+
+
 def nbdev_process(cfg):
     "Run nbdev's own docs preparation (as `nbdev_proc_nbs` does, minus installing Quarto); return `_proc/`."
     import nbdev.doclinks
+    fix_source_lines()  # before the workers start: they inherit it
     from nbdev.quarto import refresh_quarto_yml, nbdev_sidebar
     from nbdev.serve import proc_nbs
     refresh_quarto_yml()
@@ -70,6 +88,7 @@ def nbdev_process_one(cfg, rel):
     "Process the single notebook `nbs/rel` into `_proc/rel` (in this process); return the processed path."
     from nbdev.processors import FilterDefaults
     import nbdev.serve_drv
+    fix_source_lines()
     src, dst = cfg.nbs_path/rel, cfg.config_path/'_proc'/rel
     dst.parent.mkdir(parents=True, exist_ok=True)
     nbdev.serve_drv.main((src, dst, FilterDefaults))

@@ -8,7 +8,8 @@ Static checks: a page per notebook (and `nbs/sidebar.yml` lists each one); every
 `_modidx.py` has its nbdev anchor on its page and its name in the search index; no Quarto/nbdev syntax left in the
 text (`#|`, `show_doc(`, `:::`, `{.callout`); no `$...$` left outside math; the code of hidden cells absent;
 every image present; every link within the site resolves; no script or stylesheet loaded from the internet;
-every pandas table styled as the theme's tables (class `docutils`, no `border`).
+every pandas table styled as the theme's tables (class `docutils`, no `border`); every source link into the repository
+names a line (not `#LNone`) that starts a definition.
 Browser checks, in a 1280-pixel-wide window: MathJax typeset every formula without error; every visible code block
 (`pre`) fits its box, no sideways scrolling (scrollWidth <= clientWidth); a screenshot of each page in
 `<doc_path>/_screenshots/`.
@@ -158,6 +159,25 @@ def check_text(page, p):
     return problems
 
 
+def check_source_links(page, p, cfg):
+    """Each `show_doc` source link into the repository (`git_url`, `branch`) names a line of an existing file (not
+    `#LNone`), and that line starts a definition (`def`, `class`)."""
+    prefix = f"{cfg['git_url'].rstrip('/')}/blob/{cfg['branch']}/"
+    problems = []
+    for href in p.hrefs:
+        if not href.startswith(prefix): continue
+        path, _, frag = href[len(prefix):].partition('#')
+        m = re.fullmatch(r'L(\d+)', frag)
+        if not m:
+            problems.append(f'{page}: source link without a line number: {href}')
+            continue
+        lines = (ROOT/path).read_text(encoding='utf-8').splitlines() if (ROOT/path).is_file() else []
+        n = int(m.group(1))
+        if not 0 < n <= len(lines) or not lines[n - 1].lstrip().startswith(('def ', 'class ', 'async def ')):
+            problems.append(f'{page}: source link to a line that starts no definition: {href}')
+    return problems
+
+
 def check_tables(page, p):
     "pandas' tables carry the theme's table class (`docutils`) and no `border` attribute."
     bad = [c for c, border in p.tables if 'dataframe' in c and ('docutils' not in c or border is not None)]
@@ -287,7 +307,8 @@ def main():
     problems = check_pages(nbs, site, pages) + check_symbols(lib, site, pages) + check_hidden(nbs, pages)
     parsed = dict(pages)  # every page parsed so far, for the links' anchors
     for page, p in pages.items():
-        problems += check_text(page, p) + check_files(site, page, p, parsed) + check_tables(page, p)
+        problems += (check_text(page, p) + check_files(site, page, p, parsed) + check_tables(page, p)
+                     + check_source_links(page, p, cfg))
     required = args.browser or bool(os.environ.get('CI'))  # elsewhere they run when Chromium is there or root can install it
     exe = chromium(install=required or os.geteuid() == 0)
     if exe: problems += check_browser(site, pages, exe)
