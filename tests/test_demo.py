@@ -12,7 +12,7 @@ def test_help_answers_without_torch_or_fastai():
     assert '--epochs' in r.stdout and 'label smoothing' in r.stdout
 
 def test_demo_runs_and_reports(tmp_path):
-    cmd = [sys.executable, '-m', 'label_smoothing_fa.demo', '--out', str(tmp_path/'plots'), '--epochs', '3']
+    cmd = [sys.executable, '-m', 'label_smoothing_fa.demo', '--out', str(tmp_path/'plots'), '--epochs', '2']
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     assert 'Warning' not in r.stderr, r.stderr  # only the demo's own output (a dependency's FutureWarning is filtered)
@@ -21,7 +21,7 @@ def test_demo_runs_and_reports(tmp_path):
     rows = {m[1]: (float(m[2]), float(m[3])) for m in row.finditer(r.stdout)}
     assert set(rows) == {'accuracy', 'nll', 'ece', 'confidence'}, r.stdout
     (acc_ce, acc_ls), (conf_ce, conf_ls) = rows['accuracy'], rows['confidence']
-    assert acc_ce > 0.8 and acc_ls > 0.8  # both runs learn the digits (chance: 0.1) in 3 epochs
+    assert acc_ce > 0.8 and acc_ls > 0.8  # both runs learn the digits (chance: 0.1) in 2 epochs (about 0.91-0.95 at 1 or 2 threads)
     assert conf_ls < conf_ce  # label smoothing lowers the confidence of the predictions
     for f in ('entropy_curves.png', 'reliability.png'):
         assert (tmp_path/'plots'/f).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'

@@ -9,12 +9,13 @@ PKG = Path(label_smoothing_fa.__file__).parent
 NOT_API = {'__init__', '_modidx', 'all', 'demo'}  # the demo is the main job (fastai.vision, scikit-learn), not API
 
 
-def fresh_modules(code: str) -> set:
-    "The modules `sys.modules` holds after running `code` in a fresh interpreter"
-    out = subprocess.run([sys.executable, '-W', 'ignore', '-c', f'{code}\nimport json, sys; print(json.dumps(list(sys.modules)))'],
+def run_fresh(code: str) -> list:
+    "Run `code` in a fresh interpreter; the `sys.modules` it had at each `snap()` it called"
+    prelude = 'import json, sys\nsnaps = []\ndef snap(): snaps.append(list(sys.modules))\n'
+    out = subprocess.run([sys.executable, '-W', 'ignore', '-c', prelude + code + '\nprint(json.dumps(snaps))'],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    return set(json.loads(out.stdout.splitlines()[-1]))
+    return [set(m) for m in json.loads(out.stdout.splitlines()[-1])]
 
 
 def api_modules() -> list:
@@ -55,21 +56,26 @@ def test_top_level_names():
 
 
 def test_import_is_light():
-    "`import label_smoothing_fa` imports nothing heavy; the loss imports what fastai's losses import, no more"
+    """`import label_smoothing_fa` imports nothing heavy; the loss imports what fastai's losses import, no more; the
+    API never imports the demo; and a class imported from its module, first thing, has its `__init__` docstring"""
+    bare, losses, loss, everything = run_fresh(
+        "import label_smoothing_fa; snap()\n"
+        "import fastai.losses; snap()\n"
+        "from label_smoothing_fa.losses import LabelSmoothingCrossEntropy as C; snap()\n"
+        "assert 'eps (float, default 0.1): share of probability moved to the prior' in C.__init__.__doc__\n"
+        "assert C is __import__('label_smoothing_fa').LabelSmoothingCrossEntropy\n"
+        "from label_smoothing_fa import *; snap()")
     heavy = {'torch', 'fastai.losses', 'fastai.learner', 'fastai.vision', 'sklearn', 'label_smoothing_fa.demo',
              'label_smoothing_fa.losses', 'label_smoothing_fa.callbacks'}
-    assert not heavy & fresh_modules('import label_smoothing_fa')
-    with_loss = fresh_modules('from label_smoothing_fa import LabelSmoothingCrossEntropy')
-    fastai_losses = fresh_modules('import fastai.losses')
-    extra = {m for m in with_loss - fastai_losses if not m.startswith('label_smoothing_fa')}
+    assert not heavy & bare
+    extra = {m for m in loss - losses if not m.startswith('label_smoothing_fa')}
     assert not extra, f'importing the loss imports more than fastai.losses: {sorted(extra)[:10]}'
-    assert not {'sklearn', 'fastai.learner', 'label_smoothing_fa.callbacks'} & with_loss
-    # the callbacks need fastai's `Learner` (and so scikit-learn); the demo is never imported by the API
-    assert 'label_smoothing_fa.demo' not in fresh_modules('from label_smoothing_fa import *')
+    assert not {'sklearn', 'fastai.learner', 'label_smoothing_fa.callbacks'} & loss
+    assert 'label_smoothing_fa.callbacks' in everything and 'label_smoothing_fa.demo' not in everything
 
 
 def test_help_shows_the_argument_notes():
-    "Each public class's own `__init__` shows its docments in `help()`, however its module was imported"
+    "Each public class's own `__init__` shows its docments in `help()` (a module imported first: test_import_is_light)"
     checked = 0
     for cls in public_classes():
         init = cls.__dict__.get('__init__')
@@ -86,12 +92,6 @@ def test_help_shows_the_argument_notes():
     # a delegated `**kwargs`: the notes come from the delegate's
     from label_smoothing_fa.multilabel import LabelSmoothingBCEWithLogitsFlat, LabelSmoothingBCEWithLogits
     assert docments(LabelSmoothingBCEWithLogits)['pos_weight'] in LabelSmoothingBCEWithLogitsFlat.__init__.__doc__
-    # imported from its module in a fresh interpreter, before anything else of the package
-    code = ("from label_smoothing_fa.losses import LabelSmoothingCrossEntropy as C\n"
-            "assert 'eps (float, default 0.1): share of probability moved to the prior' in C.__init__.__doc__, "
-            "C.__init__.__doc__")
-    r = subprocess.run([sys.executable, '-W', 'ignore', '-c', code], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
 
 
 def test_init_doc_format():

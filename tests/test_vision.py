@@ -53,17 +53,29 @@ def digits():
     return (d.images[:N_ITEMS] * (255 / 16)).round().astype(np.uint8), d.target[:N_ITEMS]
 
 
-@pytest.fixture(scope='session')
-def cls_dls(digits):
-    "Classification `DataLoaders`: 3-channel `PILImage`s upsampled to `SIZE` px by fastai's `Resize`, labels '0'-'9'"
-    images, targets = digits
+def classification_dls(digits, n_items=N_ITEMS, n_valid=N_VALID):
+    """Classification `DataLoaders` over the first `n_items` digits (the last `n_valid` of them validate): 3-channel
+    `PILImage`s upsampled to `SIZE` px by fastai's `Resize`, labels '0'-'9'"""
+    images, targets = digits[0][:n_items], digits[1][:n_items]
     items = [(np.repeat(im[..., None], 3, 2), str(t)) for im, t in zip(images, targets)]
     dblock = DataBlock(blocks=(ImageBlock, CategoryBlock), get_x=ItemGetter(0), get_y=ItemGetter(1),
-                       splitter=IndexSplitter(range(N_ITEMS - N_VALID, N_ITEMS)),
+                       splitter=IndexSplitter(range(n_items - n_valid, n_items)),
                        item_tfms=Resize(SIZE, ResizeMethod.Squish),
                        batch_tfms=[*aug_transforms(do_flip=False, max_rotate=10, max_zoom=1.1, max_warp=0,
                                                    max_lighting=0.2), Normalize.from_stats([0.3] * 3, [0.4] * 3)])
     return dblock.dataloaders(items, bs=BS, num_workers=0, seed=42)
+
+
+@pytest.fixture(scope='session')
+def cls_dls(digits):
+    "Classification `DataLoaders`: `N_ITEMS` digits, 15 training batches and 5 validation batches"
+    return classification_dls(digits)
+
+
+@pytest.fixture(scope='session')
+def small_cls_dls(digits):
+    "The same with 4 training batches and 2 validation batches: for checks of one epoch's bookkeeping, not learning"
+    return classification_dls(digits, 6 * BS, 2 * BS)
 
 
 def classifier(dls, cbs=(), lr=None):
@@ -157,7 +169,8 @@ class MixRecorder(Callback):
 
 
 @pytest.mark.parametrize('mix', [MixUp(0.4), CutMix(1.)], ids=['MixUp', 'CutMix'])
-def test_mixup_cutmix(cls_dls, mix):
+def test_mixup_cutmix(small_cls_dls, mix):
+    cls_dls = small_cls_dls
     rec = MixRecorder('mix_up' if isinstance(mix, MixUp) else 'cut_mix')
     learn = fit_quietly(classifier(cls_dls, cbs=[mix, rec]), 'fit_one_cycle', 1, 1e-2)
     pred, y, y1, lam, loss = rec.seen
