@@ -22,7 +22,8 @@ def _api_modules() -> list:
 
 def __getattr__(name: str):
     "A public name of the API's modules, importing only the modules up to the one that defines it"
-    if name.startswith('_') and name != '__all__': raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if name.startswith('_') and name != '__all__':
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     names = []
     for mod_name in _api_modules():
         mod = _importlib.import_module(f'{__name__}.{mod_name}')

@@ -11,7 +11,7 @@ _DESCRIPTION = ("Train a small CNN on scikit-learn's digits with plain cross-ent
                 "with label smoothing, print the comparison and save the plots")
 
 def _number(kind:type, v):
-    "`v` (a value, or the command line's text) as an `int` or a `float`; `ValueError` if it is not one"
+    "`v` (a value, or the command line's text) as an `int` or a `float`; `ValueError` if not one"
     what = 'an integer' if kind is int else 'a number'
     if isinstance(v, str):
         try: return kind(v)
@@ -52,7 +52,7 @@ def _out(v) -> Path:
         raise ValueError(f"cannot make or write the folder {str(p)!r}")
     return p
 
-_OPTIONS = {'out': _out, 'epochs': _epochs, 'lr': _lr, 'eps': _eps, 'seed': _seed}  # each option's check
+_OPTIONS = {'out': _out, 'epochs': _epochs, 'lr': _lr, 'eps': _eps, 'seed': _seed}  # the checks
 
 def _checked(name:str, v):
     "`v` checked as option `name`; a `ValueError` naming the argument if it is refused"
@@ -60,7 +60,7 @@ def _checked(name:str, v):
     except ValueError as e: raise ValueError(f"`{name}` {e}") from None
 
 def _option_type(name:str):
-    "`_OPTIONS[name]` as an argparse `type`: argparse's own error, naming the option, and exit status 2"
+    "`_OPTIONS[name]` as an argparse `type`: argparse's own error, naming the option, exit status 2"
     def parse(text:str):
         try: return _OPTIONS[name](text)
         except ValueError as e: raise argparse.ArgumentTypeError(str(e)) from None
@@ -69,20 +69,22 @@ def _option_type(name:str):
 def _parser() -> argparse.ArgumentParser:
     "The command line's options"
     p = argparse.ArgumentParser(prog='python -m label_smoothing_fa.demo', description=_DESCRIPTION)
-    p.add_argument('--out', type=_option_type('out'), default='demo_output',
-                   help='plots folder (default: demo_output)')
-    p.add_argument('--epochs', type=_option_type('epochs'), default=5, help='epochs of each run, >= 1 (default: 5)')
-    p.add_argument('--lr', type=_option_type('lr'), default=1e-2, help='maximum learning rate, > 0 (default: 0.01)')
-    p.add_argument('--eps', type=_option_type('eps'), default=0.1, help='smoothing of the 2nd run, in [0, 1] (default: 0.1)')
-    p.add_argument('--seed', type=_option_type('seed'), default=42, help='seed of both runs, in [0, 2**32) (default: 42)')
+    for name, default, about in (('out', 'demo_output', 'plots folder'),
+                                 ('epochs', 5, 'epochs of each run, >= 1'),
+                                 ('lr', 1e-2, 'maximum learning rate, > 0'),
+                                 ('eps', 0.1, 'smoothing of the 2nd run, in [0, 1]'),
+                                 ('seed', 42, 'seed of both runs, in [0, 2**32)')):
+        p.add_argument(f'--{name}', type=_option_type(name), default=default,
+                       help=f'{about} (default: {default})')
     return p
 
-# run as a script: read the options before torch and fastai load, so that `--help` and errors answer at once
+# run as a script: read the options before torch and fastai load: `--help` and errors answer at once
 if __name__ == '__main__' and '__file__' in globals():
     _args = _parser().parse_args()
-    import warnings  # fastai's layers call `torch.jit.script`, which torch 2.14 deprecates: not the demo's output
-    warnings.filterwarnings('ignore', message=r'`torch\.jit\.script` is deprecated', category=FutureWarning,
-                            module=r'torch\.jit\._script')
+    # fastai's layers call `torch.jit.script`, which torch 2.14 deprecates: not the demo's output
+    import warnings
+    warnings.filterwarnings('ignore', r'`torch\.jit\.script` is deprecated', FutureWarning,
+                            r'torch\.jit\._script')
 
 # %% auto #0
 __all__ = ['main', 'compare', 'summary_table', 'recorder_table', 'plot_curves', 'plot_reliability', 'digits_items', 'digits_dls',
