@@ -10,7 +10,7 @@ export IPYTHONDIR := $(CURDIR)/.cache/ipython
 export MPLBACKEND := Agg
 unexport PYTHONDONTWRITEBYTECODE
 
-.PHONY: setup demo test lint sync nbtest docs dist latest pytest bench
+.PHONY: setup demo test lint sync nbtest docs dist latest-env latest pytest bench
 VERSION := $(shell sed -n 's/^version *= *//p' settings.ini)
 WHEEL := dist/label_smoothing_fa-$(VERSION)-py3-none-any.whl
 
@@ -32,7 +32,7 @@ demo: setup
 ## time of each stage is printed at the end, just before pytest's summary line, which stays the output's last line.
 CORES := $(shell nproc 2>/dev/null || echo 2)
 TORCH_THREADS ?= $(CORES)
-STAGES := setup lint sync nbtest docs dist latest
+STAGES := setup lint sync nbtest docs dist latest-env latest
 TIMES := .cache/stage_times
 test:
 	@mkdir -p .cache && rm -f $(TIMES)
@@ -57,7 +57,7 @@ nbtest: setup
 
 ## The docs site (Sphinx + MyST-NB over nbdev's processed notebooks) and its check.
 docs: setup
-	$(BIN)/python tools/build_docs.py
+	OMP_NUM_THREADS=1 $(BIN)/python tools/build_docs.py
 	$(BIN)/python tools/check_docs.py
 
 ## The release files: sdist and wheel in dist/, built from the tree as `python -m build` does, checked by twine.
@@ -70,6 +70,7 @@ $(WHEEL): $(VENV)/.done settings.ini setup.py pyproject.toml MANIFEST.in README.
 
 ## The newest fastai (fastcore 2.x, no nbdev): install the BUILT WHEEL there and run the pytest suite against it
 ## (from tests/, so that the installed package is imported, not the source tree).
+latest-env: $(LATEST)/.done
 latest: $(LATEST)/.done
 	cd tests && $(CURDIR)/$(LATEST)/bin/python -c \
 	  "import label_smoothing_fa as m; assert '/site-packages/' in m.__file__, f'not the wheel: {m.__file__}'"
