@@ -42,7 +42,7 @@ test:
 
 ## The GitHub workflows (.github/workflows/) are valid: actionlint (without shellcheck, so it checks the same everywhere).
 lint: setup
-	$(BIN)/actionlint -shellcheck= -pyflakes=
+	$(BIN)/actionlint -shellcheck= -pyflakes= .github/workflows/*.yaml
 
 ## Exported modules, cleaned notebooks and README.md must already match the notebooks.
 sync: setup
