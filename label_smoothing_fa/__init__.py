@@ -5,6 +5,7 @@ Every public name of the modules listed in `label_smoothing_fa/all.py` is import
 `from label_smoothing_fa.all import *`. `import label_smoothing_fa` imports none of them: a name's module (and the
 modules below it) is imported when the name is first asked for, so the losses never wait for the callbacks'
 imports (fastai's `Learner`, scikit-learn)."""
+from __future__ import annotations
 __version__ = "0.1.0"
 # Hand-written: `nbdev_export` keeps this file and updates only the version line above from settings.ini.
 
