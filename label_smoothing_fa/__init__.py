@@ -10,15 +10,17 @@ __version__ = "0.1.0"
 # Hand-written: `nbdev_export` keeps this file and updates only the version line above from settings.ini.
 
 import ast as _ast, importlib as _importlib, inspect as _inspect, sys as _sys
+from functools import lru_cache as _lru_cache
 from importlib.machinery import PathFinder as _PathFinder, SourceFileLoader as _SourceFileLoader
 from pathlib import Path as _Path
 
 
-def _api_modules() -> list:
+@_lru_cache(None)
+def _api_modules() -> tuple:
     "The modules of the package's API, lowest first, read from the `from .module import *` lines of `all.py`"
     tree = _ast.parse((_Path(__file__).parent/'all.py').read_text(encoding='utf-8'))
-    return [n.module for n in tree.body if isinstance(n, _ast.ImportFrom) and n.level == 1
-            and n.module and [a.name for a in n.names] == ['*']]
+    return tuple(n.module for n in tree.body if isinstance(n, _ast.ImportFrom) and n.level == 1
+                 and n.module and [a.name for a in n.names] == ['*'])
 
 
 def __getattr__(name: str):
@@ -28,9 +30,11 @@ def __getattr__(name: str):
     names = []
     for mod_name in _api_modules():
         mod = _importlib.import_module(f'{__name__}.{mod_name}')
-        if name in mod.__all__: return getattr(mod, name)
+        if name in mod.__all__:
+            globals()[name] = value = getattr(mod, name)  # found once: the next look-up is a plain attribute
+            return value
         names += mod.__all__
-    if name == '__all__': return names  # `from label_smoothing_fa import *`
+    if name == '__all__': return list(dict.fromkeys(names))  # `from label_smoothing_fa import *`
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
