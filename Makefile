@@ -37,7 +37,8 @@ TIMES := .cache/stage_times
 test:
 	@mkdir -p .cache && rm -f $(TIMES)
 	@for stage in $(STAGES); do \
-	  $(PYTHON) tools/stage_times.py run $(TIMES) $$stage -- $(MAKE) --no-print-directory $$stage || exit 1; done
+	  $(PYTHON) tools/stage_times.py run $(TIMES) $$stage -- $(MAKE) --no-print-directory $$stage \
+	  || { $(PYTHON) tools/stage_times.py table $(TIMES) $$stage; exit 1; }; done
 	@STAGE_TIMES=$(TIMES) $(MAKE) --no-print-directory pytest
 
 ## The GitHub workflows (.github/workflows/) are valid: actionlint (without shellcheck, so it checks the same everywhere).

@@ -1,11 +1,12 @@
 """Wall time of each stage of `make test`, for the end of its output.
 
     python tools/stage_times.py run FILE NAME -- CMD...   # run CMD; on success add `NAME <seconds>` to FILE
+    python tools/stage_times.py table FILE NAME           # the table of FILE's stages, when stage NAME failed
     python -m pytest -p stage_times ...                   # (tools/ on PYTHONPATH) the table of FILE's stages and of
                                                           # this pytest run, printed just before pytest's summary line
 
 FILE is `$STAGE_TIMES`; without it the plugin prints nothing. The table comes before pytest's last line, so the
-output still ends with pytest's summary line; a failed stage stops `make` before any table."""
+output still ends with pytest's summary line; a failed stage stops `make test`, after the table of the stages before it."""
 import os, subprocess, sys, time
 
 def read_times(path) -> list:
@@ -34,6 +35,10 @@ def pytest_terminal_summary(terminalreporter):
     for line in table(times): terminalreporter.write_line(line)
 
 if __name__ == '__main__':
+    if sys.argv[1:2] == ['table'] and len(sys.argv) == 4:  # after a failed stage: the stages until then
+        print(f'wall time of each stage of make test, until {sys.argv[3]} failed:', *table(read_times(sys.argv[2])),
+              sep='\n')
+        sys.exit()
     if len(sys.argv) < 5 or sys.argv[1] != 'run' or sys.argv[4] != '--': sys.exit(__doc__)
     path, name, cmd = sys.argv[2], sys.argv[3], sys.argv[5:]
     t = time.monotonic()
