@@ -224,12 +224,13 @@ def _reference(input, target, eps, weight, reduction, prior, ignore_index, axis,
     w = x.new_ones(K) if weight is None else weight.to(x)
     ones = torch.ones_like(keep, dtype=x.dtype)
     w_row = ones if weight is None else (t * w).sum(-1)
+    weighted = lambda rows: torch.where(w_row == 0, 0., rows * w_row)  # weight 0: adds 0, always
     if weight_mode == 'sample':
-        return _reduce(_cross_entropy_rows(q2, lp) * w_row, w_row, keep, reduction)
+        return _reduce(weighted(_cross_entropy_rows(q2, lp)), w_row, keep, reduction)
     if weight_mode == 'torch':
         return _reduce(_cross_entropy_rows(w * q2, lp), ones if soft else w_row, keep, reduction)
     u = smooth_targets(t0, K, 1., prior).to(x.dtype)  # 'fastai': weights on the NLL only
-    nll = _reduce(_cross_entropy_rows(t, lp) * w_row, w_row, keep, reduction) if eps < 1 else 0.
+    nll = _reduce(weighted(_cross_entropy_rows(t, lp)), w_row, keep, reduction) if eps < 1 else 0.
     smooth = _reduce(_cross_entropy_rows(u, lp), ones, keep, reduction) if eps > 0 else 0.
     return (1 - eps) * nll + eps * smooth  # a term with no weight adds 0, even where it is infinite
 

@@ -138,7 +138,9 @@ class LabelSmoothingBCEWithLogits(nn.Module):
         _check_choice('reduction', reduction, _reductions)
         store_attr('eps,reduction,ignore_index,thresh')
         def checked(name, v, **kw):  # against its own shape here, against the input's in `forward`
-            return v if v is None else _per_label(name, v, torch.as_tensor(v).float(), **kw)
+            if v is None: return None
+            like = torch.as_tensor(v)  # its own float dtype (float64 stays float64)
+            return _per_label(name, v, like if like.is_floating_point() else like.float(), **kw)
         self.register_buffer('weight', checked('weight', weight))
         self.register_buffer('pos_weight', checked('pos_weight', pos_weight))
         prior_arg, prior = prior, checked('prior', prior, at_most=1.)

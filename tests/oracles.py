@@ -45,18 +45,21 @@ def multiclass(x, target, eps=0.1, weight=None, reduction='mean', prior=None, ig
         if reduction == 'none': return rows
         if reduction == 'sum': return rows.sum()
         d = (den * kept).sum()
-        return rows.sum() / d if d > 0 else rows.sum() * 0
-    if weight is None or weight_mode == 'sample': out = reduce(xent(q, lp) * w_row, w_row)
+        if d > 0: return rows.sum() / d
+        return torch.where(rows.isfinite(), rows, 0.).sum() * 0  # nothing to average: 0 (and a graph)
+    weighted = lambda rows: torch.where(w_row == 0, 0., rows * w_row)  # a row of weight 0 adds 0, always
+    if weight is None or weight_mode == 'sample': out = reduce(weighted(xent(q, lp)), w_row)
     elif weight_mode == 'torch': out = reduce(xent(w * q, lp), kept if soft else w_row)
     else:  # 'fastai': the class weights on the NLL term only
-        nll = reduce(xent(T, lp) * w_row, w_row) if eps < 1 else 0.
+        nll = reduce(weighted(xent(T, lp)), w_row) if eps < 1 else 0.
         smooth = reduce(xent(smoothed(T, K, 1., prior), lp), kept) if eps > 0 else 0.
         out = (1 - eps) * nll + eps * smooth
     return out[0] if one and reduction == 'none' else out
 
-def multilabel(x, target, eps=0.1, weight=None, reduction='mean', pos_weight=None, prior=None, ignore_index=None):
-    "The multi-label loss in float64: torch's BCE with logits on y' = (1-eps) y + eps u"
-    x, y = x.double(), target.double()
+def multilabel(x, target, eps=0.1, weight=None, reduction='mean', pos_weight=None, prior=None, ignore_index=None,
+               dtype=torch.float64, compute=torch.float64):
+    "The multi-label loss: torch's BCE with logits on y' = (1-eps) y + eps u, in float64 (each label's in `dtype`)"
+    x, y = x.to(compute), target.double()
     if ignore_index is None: keep = torch.ones_like(y, dtype=torch.bool)
     elif math.isnan(ignore_index): keep = ~y.isnan()
     else: keep = y != ignore_index
@@ -67,7 +70,10 @@ def multilabel(x, target, eps=0.1, weight=None, reduction='mean', pos_weight=Non
         return v.view(-1, *[1] * (x.ndim - 2)) if v.ndim == 1 and x.ndim > 2 else v
     u, w, pw = per_label(prior, .5), per_label(weight, 1.), per_label(pos_weight, 1.)
     t = (1 - eps) * y + eps * u
-    loss = F.binary_cross_entropy_with_logits(x, t, w.expand_as(x), pos_weight=pw, reduction='none')
+    t, w, pw = t.to(compute), w.expand_as(x).to(compute), pw.to(compute)
+    loss = F.binary_cross_entropy_with_logits(x, t, w, pos_weight=pw, reduction='none').double()
     loss = torch.where(keep, loss, 0.)  # torch's loss on y', in float64: its answer at +-inf too
+    loss = loss.to(dtype).double()  # each label's loss rounded to `dtype`, as torch's (inf past its range)
     if reduction == 'none': return loss
-    return loss.sum() if reduction == 'sum' else loss.sum() / keep.sum().clamp_min(1)
+    total = loss.to(dtype).sum().double()  # summed in `dtype`, as torch's (inf past its range)
+    return total if reduction == 'sum' else total / keep.sum().clamp_min(1)
