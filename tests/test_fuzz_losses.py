@@ -2,7 +2,6 @@
 oracles of tests/oracles.py, on both paths (dense and fused: `_DENSE_BELOW`), with the extremes among the strategies:
 +-inf, NaN and +-3e38 logits, eps in {0, 1, (K-1)/K}, class weights at 1e-40 and 1e40, empty and 1-D inputs,
 half-precision logits and autocast (issue 15, "Also")."""
-import math
 from contextlib import contextmanager, nullcontext
 import pytest, torch
 from hypothesis import HealthCheck, given, settings, strategies as st

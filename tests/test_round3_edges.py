@@ -10,7 +10,7 @@ from label_smoothing_fa.losses import (LabelSmoothingCrossEntropy, LabelSmoothin
                                        label_smoothing_cross_entropy as lsce, reference_label_smoothing_cross_entropy,
                                        smooth_targets)
 from label_smoothing_fa.multilabel import (LabelSmoothingBCEWithLogits, LabelSmoothingBCEWithLogitsFlat,
-                                           label_smoothing_bce_with_logits as bce, smooth_multilabel_targets)
+                                           label_smoothing_bce_with_logits as bce)
 from oracles import multiclass, multilabel
 
 INF, NAN = float('inf'), float('nan')
@@ -237,3 +237,9 @@ def test_tabular_learner_trains_with_the_flat_loss():
     assert preds.shape == (50, 2) and torch.allclose(preds.sum(1), torch.ones(50))
     loss = learn.validate()[0]
     assert math.isfinite(loss)
+
+def test_no_test_helpers_in_the_library():
+    "Issue 15, 'Also': the notebook's test helpers are not exported (`_compare_with_reference` raised a NameError)"
+    import label_smoothing_fa.multilabel as M
+    for name in ('_fused_only', '_compare_with_reference', '_check_against'):
+        assert not hasattr(L, name) and not hasattr(M, name)

@@ -1,7 +1,6 @@
 """PyTorch's own tests of `F.cross_entropy`, mirrored on our loss: the no-batch-dimension cases (a 1-D input of K
 logits, a scalar class index or K probabilities, across reductions, dtypes and priors) and `gradcheck` in float64
 through the fused path, classes last and on a strided axis, with backward re-entrant (issue 15, items 1 and 2)."""
-import itertools
 import pytest, torch, torch.nn as nn, torch.nn.functional as F
 
 import label_smoothing_fa.losses as L
