@@ -311,11 +311,10 @@ def _row_sums(x:Tensor, lse:Tensor, v, v_has_zeros:bool) -> Tensor:
     elif n_redo: sums[redo] = _shifted_sums(x[redo], lse[redo], [v], [v_has_zeros])[0]
     return sums
 
-def _two_sum(a:Tensor, b:Tensor) -> tuple:
-    "`(s, r)`: `s = a + b` rounded and its rounding error `r`, so that `s + r` is `a + b` exactly"
+def _rounded_sum(a:Tensor, b:Tensor) -> tuple:
+    "`(s, r)`: `s = a + b` rounded and its rounding error `r` (exact where |a| >= |b|, Fast2Sum)"
     s = a + b
-    a_part = s - b
-    return s, (a - a_part) + (b - (s - a_part))
+    return s, b - (s - a)
 
 def _times(c, t:Tensor):
     "`c * t`, `c` a per-row coefficient (a number or a tensor); 0 where `c` is 0, whatever `t` is"
@@ -359,7 +358,7 @@ def _softmax_parts(x:Tensor, axis:int, idx, soft, v, v_has_zeros:bool) -> _Softm
             lse_c[small] = torch.logsumexp(x[small].to(dt) - c[small].unsqueeze(-1), -1)
         # then c = lse rounded, lse_c its rounding error: every x - c <= 0, so the target's and the
         # prior's terms add without cancelling, whatever the prior's mass on the likely classes
-        lse, r = _two_sum(c, lse_c)
+        lse, r = _rounded_sum(c, lse_c)
         return _SoftmaxParts(p, None, r, x_y - lse, _row_sums(x, lse, v, v_has_zeros), lse_c)
     m = x.amax(axis, keepdim=True).to(dt)  # classes strided (segmentation)
     z = torch.sub(x, m)
@@ -390,11 +389,11 @@ class _FusedLabelSmoothing(torch.autograd.Function):
         loss = _times(co.A, parts.lse_c) - _times(co.cT, parts.tz) - _times(co.cv, parts.vz)
         dead = (co.A == 0) & ~parts.lse_c.isfinite() if isinstance(co.A, Tensor) else None
         dead = dead if dead is not None and dead.any() else None  # weightless rows with NaN, inf
-        # rows with an infinite or NaN logit, or an overflow, and rows whose loss is small against
-        # the rounding of lse - c (confident rows, smoothed toward the prediction): as dense
-        off = ~loss.isfinite()
-        if parts.scale is not None: off |= _times(co.A, parts.scale) > 16 * loss
-        if off.any(): loss[off] = _dense_rows(x, idx, soft, co, axis, off)
+        # rows whose sums are not finite (an infinite or NaN logit, an overflow), and rows whose loss is
+        # small against the rounding of lse - c (confident rows, smoothed toward the prediction): dense
+        ok = loss.isfinite()
+        if parts.scale is not None: ok &= _times(co.A, parts.scale) <= 16 * loss
+        if not ok.all(): loss[~ok] = _dense_rows(x, idx, soft, co, axis, ~ok)
         v = co.v
         ctx.save_for_backward(x, idx, soft, dead, *(v if isinstance(v, _RowPriors) else [v]))
         ctx.axis, ctx.coefs, ctx.buffer = axis, (co.A, co.cT, co.cv), (parts.p, parts.s)

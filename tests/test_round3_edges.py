@@ -35,6 +35,12 @@ def test_item3_logits_near_float32_limit(path):
             assert g.isfinite().all()
         out, _ = loss_and_grad(torch.full((3, 4), value), torch.tensor([0, 1, 2]), prior=torch.tensor([.1, .2, .3, .4]))
         torch.testing.assert_close(out, torch.tensor(math.log(4)))
+    # one logit near the limit, classes on a strided axis (found by the fuzz): the prior's sum overflowed
+    x = torch.tensor([[3e38, 1.], [-.29, 2.], [-2.18, 0.]])
+    for eps in (.1, 1.):
+        out, _ = loss_and_grad(x, torch.tensor([1, 0]), eps=eps, axis=0, reduction='none')
+        torch.testing.assert_close(out.double(), multiclass(x, torch.tensor([1, 0]), eps, axis=0, reduction='none')
+                                   .float().double(), rtol=1e-6, atol=1e-6)
 
 @pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
 def test_item4_eps_near_one_prior_on_prediction(dtype, path):
