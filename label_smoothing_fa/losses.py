@@ -143,9 +143,15 @@ def _batched(input:Tensor, target:Tensor, axis) -> tuple:
     if target.ndim == 0 or _is_soft(input, target): target = target.unsqueeze(0)
     return input.unsqueeze(0), target, 1, True
 
+def _autocast_on(device_type:str) -> bool:
+    "Whether autocast is on for `device_type` (torch < 2.4 asks per device with other functions)"
+    try: return torch.is_autocast_enabled(device_type)
+    except TypeError:
+        return torch.is_autocast_cpu_enabled() if device_type == 'cpu' else torch.is_autocast_enabled()
+
 def _no_autocast(x:Tensor):
     "A context in which `x`'s device computes in the dtypes given, whatever autocast says"
-    on = x.device.type in ('cpu', 'cuda', 'xpu', 'mps') and torch.is_autocast_enabled(x.device.type)
+    on = x.device.type in ('cpu', 'cuda', 'xpu', 'mps') and _autocast_on(x.device.type)
     return torch.autocast(x.device.type, enabled=False) if on else nullcontext()
 
 # %% ../nbs/00_losses.ipynb #2a4808f2
