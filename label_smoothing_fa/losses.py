@@ -4,12 +4,12 @@
 
 # %% ../nbs/00_losses.ipynb #d78615fc
 from __future__ import annotations
+import numbers
+from contextlib import nullcontext
 from typing import NamedTuple
 import torch, torch.nn as nn, torch.nn.functional as F
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 from fastcore.basics import store_attr
-from fastcore.meta import delegates, use_kwargs_dict
 from fastai.losses import BaseLoss
 
 # %% auto #0
@@ -40,21 +40,30 @@ def _check_choice(name, value, choices):
     if value not in choices: raise ValueError(f"`{name}` must be one of {choices}, got {value!r}")
     return value
 
-def _check_eps(eps):
+def _number(name:str, v, kind=numbers.Real, what:str='a number'):
+    "`v` as a Python number: any `kind` of number (Python, numpy, a one-element tensor), not a bool"
+    if isinstance(v, Tensor):
+        if v.numel() != 1:
+            raise ValueError(f"`{name}` must be a single number, got shape {tuple(v.shape)}")
+        v = v.item()
+    if isinstance(v, bool) or not isinstance(v, kind):
+        raise ValueError(f"`{name}` must be {what}, got {v!r}")
+    return int(v) if kind is numbers.Integral else float(v)
+
+def _check_eps(eps) -> float:
     "`eps` as a float in [0, 1]"
-    if isinstance(eps, Tensor):
-        if eps.numel() != 1:
-            raise ValueError(f"`eps` must be a single number, got shape {tuple(eps.shape)}")
-        eps = eps.item()
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
-        raise ValueError(f"`eps` must be a number in [0, 1], got {eps!r}")
-    if not 0. <= float(eps) <= 1.: raise ValueError(f"`eps` must be in [0, 1], got {eps}")
-    return float(eps)
+    eps = _number('eps', eps, what='a number in [0, 1]')
+    if not 0. <= eps <= 1.: raise ValueError(f"`eps` must be in [0, 1], got {eps}")
+    return eps
+
+def _check_ignore_index(ignore_index) -> int|None:
+    "`ignore_index` as an integer, or `None`: nothing ignored"
+    if ignore_index is None: return None
+    return _number('ignore_index', ignore_index, numbers.Integral, 'an integer or None')
 
 def _check_axis(axis, ndim:int) -> int:
     "`axis` as an index in [0, ndim); one out of range is refused, not wrapped around"
-    if isinstance(axis, bool) or not isinstance(axis, int):
-        raise ValueError(f"`axis` must be an integer, got {axis!r}")
+    axis = _number('axis', axis, numbers.Integral, 'an integer')
     if not -ndim <= axis < ndim:
         raise ValueError(f"`axis` is {axis} but the input has {ndim} dimensions: "
                          f"it must be in [{-ndim}, {ndim})")
@@ -119,7 +128,42 @@ def _check_prior(prior, n_classes=None):
                          f"row {off[0]} sums to {sums[off[0]].item():.6f}")
     return prior
 
+def _is_soft(input:Tensor, target:Tensor) -> bool:
+    "Soft targets are floats shaped like the input; anything else holds class indices"
+    return target.dtype.is_floating_point and target.shape == input.shape
+
+def _batched(input:Tensor, target:Tensor, axis) -> tuple:
+    "`(input, target, axis, unbatched)`: a 1-D input (no batch axis, as torch's) as a batch of one"
+    if input.ndim == 0: raise ValueError("`input` must have a class axis, got a scalar")
+    if not input.dtype.is_floating_point:
+        raise ValueError(f"`input` must be floating-point logits, got dtype {input.dtype}")
+    if input.ndim > 1: return input, target, _check_axis(axis, input.ndim), False
+    # torch's class axis is 1 in the batched form: 1, 0 and -1 all name a 1-D input's only axis
+    if _number('axis', axis, numbers.Integral, 'an integer') not in (-1, 0, 1): _check_axis(axis, 1)
+    if target.ndim == 0 or _is_soft(input, target): target = target.unsqueeze(0)
+    return input.unsqueeze(0), target, 1, True
+
+def _autocast_on(device_type:str) -> bool:
+    "Whether autocast is on for `device_type` (torch < 2.4 asks per device with other functions)"
+    try: return torch.is_autocast_enabled(device_type)
+    except TypeError:
+        return torch.is_autocast_cpu_enabled() if device_type == 'cpu' else torch.is_autocast_enabled()
+
+def _no_autocast(x:Tensor):
+    "A context in which `x`'s device computes in the dtypes given, whatever autocast says"
+    on = x.device.type in ('cpu', 'cuda', 'xpu', 'mps') and _autocast_on(x.device.type)
+    return torch.autocast(x.device.type, enabled=False) if on else nullcontext()
+
 # %% ../nbs/00_losses.ipynb #2a4808f2
+def _check_soft(t:Tensor, tsum:Tensor, axis:int, dtype:torch.dtype):
+    "Refuse soft targets `t` (stored in `dtype`, sums `tsum` on `axis`) that are not probabilities"
+    if not t.numel(): return
+    if t.amin() < 0: raise ValueError("soft `target` has negative probabilities")
+    if not (tsum - 1).abs().amax().item() <= _sum_tolerance(dtype, 1e-3):
+        raise ValueError(f"soft `target` must sum to 1 over the class axis {axis}, got sums from "
+                         f"{tsum.amin().item():.4f} to {tsum.amax().item():.4f} (class indices "
+                         "are integers)")
+
 def _onehot(target:Tensor, n_classes:int) -> Tensor:
     if target.dtype == torch.bool:
         raise ValueError("`target` must be class indices or soft targets, got a bool tensor")
@@ -131,14 +175,16 @@ def smooth_targets(
     target:Tensor, # class indices (integer dtype, any shape), or soft targets (float, classes last)
     n_classes:int, # number of classes K
     eps:float=0.1, # share of probability moved to the prior
-    prior=None, # None (uniform), 'others', K class probabilities, or K x K: row y for class y
+    prior:str|Tensor|None=None, # None (uniform), 'others', K class probabilities, or K x K
 ) -> Tensor: # q' = (1-eps) q + eps u, the classes on the last axis
     "The smoothed target distribution q' for integer or soft targets"
-    if isinstance(n_classes, bool) or not isinstance(n_classes, int) or n_classes < 1:
-        raise ValueError(f"`n_classes` must be a positive integer, got {n_classes!r}")
+    n_classes = _number('n_classes', n_classes, numbers.Integral, 'a positive integer')
+    if n_classes < 1: raise ValueError(f"`n_classes` must be a positive integer, got {n_classes}")
     eps, prior = _check_eps(eps), _check_prior(prior, n_classes)
     if not target.dtype.is_floating_point: q = _onehot(target, n_classes)
-    elif target.shape[-1:] == (n_classes,): q = _f32(target)
+    elif target.shape[-1:] == (n_classes,):
+        q = _f32(target)
+        if _readable(q): _check_soft(q, q.sum(-1), -1, target.dtype)
     else:
         raise ValueError(f"soft `target` must have the {n_classes} classes on its last axis, "
                          f"got shape {tuple(target.shape)}")
@@ -163,25 +209,34 @@ def _cross_entropy_rows(q:Tensor, lp:Tensor) -> Tensor:
 def reference_label_smoothing_cross_entropy(input, target, eps=0.1, weight=None, reduction='mean',
         prior=None, ignore_index=-100, axis=1, weight_mode='sample'):
     "Plain, unfused label-smoothing cross-entropy: the formula the fused path is tested against"
+    input, target, axis, unbatched = _batched(input, target, axis)
+    loss = _reference(input, target, eps, weight, reduction, prior, ignore_index, axis, weight_mode)
+    return loss.squeeze(0) if unbatched and reduction == 'none' else loss
+
+def _reference(input, target, eps, weight, reduction, prior, ignore_index, axis, weight_mode):
     x = _f32(input.movedim(axis, -1))
     K, soft = x.shape[-1], target.dtype.is_floating_point and target.shape == input.shape
     if soft:
-        t = target.movedim(axis, -1).to(x.dtype)
+        t0 = target.movedim(axis, -1)  # checked with the tolerance of its own dtype
+        t = t0.to(x.dtype)
         keep = torch.ones(x.shape[:-1], dtype=torch.bool, device=x.device)
     else:
-        keep = target.reshape(x.shape[:-1]) != ignore_index
+        keep = target.reshape(x.shape[:-1]) != (ignore_index if ignore_index is not None else
+                                                 torch.iinfo(torch.int64).min)
         t = F.one_hot(torch.where(keep, target.reshape(keep.shape), 0).long(), K).to(x.dtype)
     x = torch.where(keep.unsqueeze(-1), x, 0.)  # ignored positions' logits (-inf, NaN) play no part
-    lp, q2 = F.log_softmax(x, -1), smooth_targets(t, K, eps, prior)
+    t0 = t0 if soft else t
+    lp, q2 = F.log_softmax(x, -1), smooth_targets(t0, K, eps, prior).to(x.dtype)
     w = x.new_ones(K) if weight is None else weight.to(x)
     ones = torch.ones_like(keep, dtype=x.dtype)
     w_row = ones if weight is None else (t * w).sum(-1)
+    weighted = lambda rows: torch.where(w_row == 0, 0., rows * w_row)  # weight 0: adds 0, always
     if weight_mode == 'sample':
-        return _reduce(_cross_entropy_rows(q2, lp) * w_row, w_row, keep, reduction)
+        return _reduce(weighted(_cross_entropy_rows(q2, lp)), w_row, keep, reduction)
     if weight_mode == 'torch':
         return _reduce(_cross_entropy_rows(w * q2, lp), ones if soft else w_row, keep, reduction)
-    u = smooth_targets(t, K, 1., prior)  # 'fastai': weights on the NLL only
-    nll = _reduce(_cross_entropy_rows(t, lp) * w_row, w_row, keep, reduction) if eps < 1 else 0.
+    u = smooth_targets(t0, K, 1., prior).to(x.dtype)  # 'fastai': weights on the NLL only
+    nll = _reduce(weighted(_cross_entropy_rows(t, lp)), w_row, keep, reduction) if eps < 1 else 0.
     smooth = _reduce(_cross_entropy_rows(u, lp), ones, keep, reduction) if eps > 0 else 0.
     return (1 - eps) * nll + eps * smooth  # a term with no weight adds 0, even where it is infinite
 
@@ -231,7 +286,7 @@ class _RowPriors(NamedTuple):
         by = self.by.movedim(axis, -1) if self.by.dtype.is_floating_point else self.by
         return self._replace(by=by).block().movedim(-1, axis)
 
-def _shifted_sums(x:Tensor, c:Tensor, ws:list, v_has_zeros:bool, axis:int=-1) -> list:
+def _shifted_sums(x:Tensor, c:Tensor, ws:list, has_zeros:list, axis:int=-1) -> list:
     "For each `w` of `ws` (None, a class vector, like `x`, `_RowPriors`), <w, x - c> over `axis`"
     rows = _rows_last(x, axis)
     c_rows = c.reshape(*rows.shape[:-1], 1)
@@ -242,43 +297,64 @@ def _shifted_sums(x:Tensor, c:Tensor, ws:list, v_has_zeros:bool, axis:int=-1) ->
     block = c.new_empty(rows[blocks[0]].shape if blocks else rows.shape)  # one buffer for all
     for i in blocks:
         z = torch.sub(rows[i], c_rows[i], out=block[:len(rows[i])])  # shifted, in cache
-        for out, w in zip(sums, ws):
+        for out, w, zeros in zip(sums, ws, has_zeros):
             if isinstance(w, _RowPriors): w = w.block(i)  # the block's priors, gathered in cache
             elif w is not None and w.ndim > 1: w = w[i]
-            out[i] = _weighted_sum(z, w, z.ndim - 1, v_has_zeros)
+            out[i] = _weighted_sum(z, w, z.ndim - 1, zeros)
     return [s.view(c.shape) for s in sums]
 
-def _row_sums(x:Tensor, c:Tensor, lse:Tensor, v, v_has_zeros:bool) -> Tensor:
-    "<v, x - c> over the last axis (`v` None: the mean): plain if exact enough, else shifted"
-    if isinstance(v, _RowPriors): return _shifted_sums(x, c, [v], v_has_zeros)[0]
-    plain = x.mean(-1, dtype=c.dtype) if v is None else _f32(x) @ v
+def _row_sums(x:Tensor, lse:Tensor, v, v_has_zeros:bool) -> Tensor:
+    "<v, x - lse> over the last axis (`v` None: the mean): plain if exact enough, else shifted"
+    if isinstance(v, _RowPriors): return _shifted_sums(x, lse, [v], [v_has_zeros])[0]
+    plain = x.mean(-1, dtype=lse.dtype) if v is None else _f32(x) @ v
     total = 1. if v is None else v.sum()
-    sums = plain - c * total
-    # the plain sum rounds like |lse| total, the loss like <v, lse - x> = lse total - plain; so redo
-    # rows where the first is over twice the second (logits far from 0) and rows not finite
-    redo = ~(lse.abs() * total <= 2 * (lse * total - plain))
+    sums = plain - lse * total
+    # the plain sum rounds like |lse| total, the loss like <v, lse - x> = -sums; so redo rows where
+    # the first is over twice the second (logits far from 0), and rows not finite (an overflow)
+    redo = ~((lse.abs() * total <= -2 * sums) & plain.isfinite())
     n_redo = int(redo.sum())
-    if n_redo > redo.numel() // 4: sums, = _shifted_sums(x, c, [v], v_has_zeros)  # no copy of x
-    elif n_redo: sums[redo] = _shifted_sums(x[redo], c[redo], [v], v_has_zeros)[0]
+    if n_redo > redo.numel() // 4: sums, = _shifted_sums(x, lse, [v], [v_has_zeros])  # no copy
+    elif n_redo: sums[redo] = _shifted_sums(x[redo], lse[redo], [v], [v_has_zeros])[0]
     return sums
+
+def _rounded_sum(a:Tensor, b:Tensor) -> tuple:
+    "`(s, r)`: `s = a + b` rounded and its rounding error `r` (exact where |a| >= |b|, Fast2Sum)"
+    s = a + b
+    return s, b - (s - a)
 
 def _times(c, t:Tensor):
     "`c * t`, `c` a per-row coefficient (a number or a tensor); 0 where `c` is 0, whatever `t` is"
     if isinstance(c, Tensor): return torch.where(c == 0, 0., c * t)
     return torch.zeros_like(t) if c == 0 and t.numel() else t * c  # an empty `t` keeps its graph
 
-def _softmax_parts(x:Tensor, axis:int, idx, soft, v, v_has_zeros:bool):
-    "p (or exp(x - c), to divide by s), lse - c, <T, x - c>, <v, x - c> and s (c: a logit per row)"
+class _SoftmaxParts(NamedTuple):
+    "The fused loss's pieces: with a shift `c` per row, `loss = A lse_c - cT tz - cv vz`"
+    p: Tensor # the softmax, or exp(x - c) to divide by `s`: it becomes the gradient
+    s: Tensor|None # the sum of exp(x - c) over the classes (None: `p` is the softmax)
+    lse_c: Tensor # lse - c
+    tz: Tensor # <T, x - c>
+    vz: Tensor # <v, x - c>
+    scale: Tensor|None = None # per row, what the loss's rounding is relative to (None: the loss)
+
+def _softmax_buffer(x:Tensor, axis:int) -> tuple:
+    "`(p, s)`: the softmax (s None, classes last) or exp(x - max) and its sum (classes strided)"
+    dt = _f32_dtype(x.dtype)
+    if axis == x.ndim - 1: return torch.softmax(x, axis, dtype=dt), None
+    e = torch.sub(x, x.amax(axis, keepdim=True).to(dt)).exp_()
+    return e, e.sum(axis)
+
+def _softmax_parts(x:Tensor, axis:int, idx, soft, v, v_has_zeros:bool) -> _SoftmaxParts:
+    "The loss's pieces, each a sum of terms of one sign: shifted by the row's lse or largest logit"
     dt = _f32_dtype(x.dtype)
     if axis == x.ndim - 1:  # classes contiguous: torch's softmax kernel
         p = torch.softmax(x, axis, dtype=dt)
         if idx is None:  # soft targets: c the largest logit, where p is 1 / sum(exp(x - c))
             p_max, at_max = p.max(axis)
             c = x.gather(axis, at_max.unsqueeze(axis)).squeeze(axis).to(dt)
-            tz, vz = _shifted_sums(x, c, [soft, v], v_has_zeros)
-            return p, -p_max.log(), tz, vz, None
+            tz, vz = _shifted_sums(x, c, [soft, v], [True, v_has_zeros])
+            return _SoftmaxParts(p, None, -p_max.log(), tz, vz)
         x_y = x.gather(axis, idx.unsqueeze(axis)).squeeze(axis).to(dt)
-        c = torch.where(x_y.isfinite(), x_y, 0.)  # index targets: c the target's logit
+        c = torch.where(x_y.isfinite(), x_y, 0.)  # index targets: first c the target's logit
         p_y = p.gather(axis, idx.unsqueeze(axis)).squeeze(axis)
         lse_c = -p_y.log()  # lse - x_y = -log p_y: no pass over the logits
         small = ~(p_y >= 1e-6)  # p_y's relative error would show (and p_y = 0, NaN): the slow way
@@ -286,16 +362,19 @@ def _softmax_parts(x:Tensor, axis:int, idx, soft, v, v_has_zeros:bool):
             m = x[small].amax(-1).to(dt)
             c[small] = torch.where(m.isfinite(), m, c[small])
             lse_c[small] = torch.logsumexp(x[small].to(dt) - c[small].unsqueeze(-1), -1)
-        return p, lse_c, x_y - c, _row_sums(x, c, c + lse_c, v, v_has_zeros), None
+        # then c = lse rounded, lse_c its rounding error: every x - c <= 0, so the target's and the
+        # prior's terms add without cancelling, whatever the prior's mass on the likely classes
+        lse, r = _rounded_sum(c, lse_c)
+        return _SoftmaxParts(p, None, r, x_y - lse, _row_sums(x, lse, v, v_has_zeros), lse_c)
     m = x.amax(axis, keepdim=True).to(dt)  # classes strided (segmentation)
     z = torch.sub(x, m)
     if idx is not None: tz = z.gather(axis, idx.unsqueeze(axis)).squeeze(axis)
     else: tz = _weighted_sum(z, soft, axis)
-    if isinstance(v, _RowPriors): vz, = _shifted_sums(x, m.squeeze(axis), [v], False, axis)
+    if isinstance(v, _RowPriors): vz, = _shifted_sums(x, m.squeeze(axis), [v], [False], axis)
     else: vz = _weighted_sum(z, v, axis, v_has_zeros)
     e = z.exp_()
     s = e.sum(axis)
-    return e, s.log(), tz, vz, s
+    return _SoftmaxParts(e, s, s.log(), tz, vz)
 
 def _prior_part(v, x:Tensor, axis:int):
     "`v` to broadcast along `axis` of `x`: 1/K (`None`), a class vector, or each row's prior"
@@ -311,13 +390,19 @@ def _subtract_row_priors(grad:Tensor, gv:Tensor, v:_RowPriors, axis:int):
 class _FusedLabelSmoothing(torch.autograd.Function):
     "Per row `A (lse-c) - cT <T, x-c> - cv <v, x-c>`; its softmax becomes the gradient"
     @staticmethod
-    def forward(ctx, x, idx, soft, cT, cv, A, v, axis, v_has_zeros):
-        p, lse_c, tz, vz, s = _softmax_parts(x, axis, idx, soft, v, v_has_zeros)
-        loss = _times(A, lse_c) - _times(cT, tz) - _times(cv, vz)
-        dead = (A == 0) & ~lse_c.isfinite() if isinstance(A, Tensor) else None  # weightless, NaN
-        dead = dead if dead is not None and dead.any() else None
+    def forward(ctx, x, idx, soft, co, axis, v_has_zeros):
+        parts = _softmax_parts(x, axis, idx, soft, co.v, v_has_zeros)
+        loss = _times(co.A, parts.lse_c) - _times(co.cT, parts.tz) - _times(co.cv, parts.vz)
+        dead = (co.A == 0) & ~parts.lse_c.isfinite() if isinstance(co.A, Tensor) else None
+        dead = dead if dead is not None and dead.any() else None  # weightless rows with NaN, inf
+        # rows whose sums are not finite (an infinite or NaN logit, an overflow), and rows whose loss is
+        # small against the rounding of lse - c (confident rows, smoothed toward the prediction): dense
+        ok = loss.isfinite()
+        if parts.scale is not None: ok &= _times(co.A, parts.scale) <= 16 * loss
+        if not ok.all(): loss[~ok] = _dense_rows(x, idx, soft, co, axis, ~ok)
+        v = co.v
         ctx.save_for_backward(x, idx, soft, dead, *(v if isinstance(v, _RowPriors) else [v]))
-        ctx.axis, ctx.coefs, ctx.p, ctx.s = axis, (A, cT, cv), p, s
+        ctx.axis, ctx.coefs, ctx.buffer = axis, (co.A, co.cT, co.cv), (parts.p, parts.s)
         return loss
 
     @staticmethod
@@ -325,14 +410,14 @@ class _FusedLabelSmoothing(torch.autograd.Function):
         "g (A p - cT T - cv v); built from differentiable operations when a graph is (create_graph)"
         x, idx, soft, dead, *v = ctx.saved_tensors
         v = _RowPriors(*v) if len(v) == 2 else v[0]
-        axis, p, s, ctx.p = ctx.axis, ctx.p, ctx.s, None
+        axis, (p, s), ctx.buffer = ctx.axis, ctx.buffer or (None, None), None
         gA, gT, gv = [(g * c).unsqueeze(axis) for c in ctx.coefs]
         if torch.is_grad_enabled():  # create_graph=True: a gradient to differentiate again
             grad = gA * torch.softmax(_f32(x), axis) - gv * _prior_part(v, x, axis)
             if idx is not None: grad = grad.scatter_add(axis, idx.unsqueeze(axis), -gT)
             else: grad = grad - gT * soft
         else:  # the forward's softmax buffer becomes the gradient, in place
-            if p is None: p, s = torch.softmax(x, axis, dtype=_f32_dtype(x.dtype)), None  # again
+            if p is None: p, s = _softmax_buffer(x, axis)  # again: the forward's, bit for bit
             grad = p.mul_(gA if s is None else gA / s.unsqueeze(axis))
             if isinstance(v, _RowPriors): _subtract_row_priors(grad, gv, v, axis)
             elif v is not None: grad.addcmul_(gv, _class_vec(v, x, axis), value=-1)
@@ -340,16 +425,12 @@ class _FusedLabelSmoothing(torch.autograd.Function):
             if idx is not None: grad.scatter_add_(axis, idx.unsqueeze(axis), -gT)
             else: grad.addcmul_(soft, gT, value=-1)
         if dead is not None: grad = grad.masked_fill(dead.unsqueeze(axis), 0.)
-        return grad.to(x.dtype), None, None, None, None, None, None, None, None
+        return grad.to(x.dtype), None, None, None, None, None
 
 # %% ../nbs/00_losses.ipynb #146ef7b7
 def _range(t:Tensor):
     "Smallest and largest value of `t`, as Python numbers"
     return [v.item() for v in torch.aminmax(t)] if t.numel() else (0, 0)
-
-def _is_soft(input:Tensor, target:Tensor) -> bool:
-    "Soft targets are floats shaped like the input; anything else holds class indices"
-    return target.dtype.is_floating_point and target.shape == input.shape
 
 def _axis_hint(input:Tensor, target:Tensor, axis:int) -> str:
     "For an error message: the `axis` that would pair `target` (class indices) with `input`, if any"
@@ -359,21 +440,17 @@ def _axis_hint(input:Tensor, target:Tensor, axis:int) -> str:
     fits = [d for d in range(input.ndim) if d != axis and pairs(d)]
     return f"; if the classes are on axis {fits[0]}, pass `axis={fits[0]}`" if fits else ""
 
-def _soft_targets(input:Tensor, target:Tensor, axis:int, ignore_index:int, check:bool):
+def _soft_targets(input:Tensor, target:Tensor, axis:int, ignore_index:int|None, check:bool):
     "Soft targets in the compute dtype and their sums over `axis`, checked to be probabilities"
-    if ignore_index >= 0:
+    if ignore_index is not None and ignore_index >= 0:
         raise ValueError(f"`ignore_index` ({ignore_index}) is not supported with soft targets "
                          "(as in torch)")
     t = target.to(_f32_dtype(input.dtype))  # float64 targets with float32 logits compute in float32
     tsum = t.sum(axis)  # the check's pass comes after, t in cache
-    if check and t.numel():
-        if t.amin() < 0: raise ValueError("soft `target` has negative probabilities")
-        if not (tsum - 1).abs().amax().item() <= _sum_tolerance(target.dtype, 1e-3):
-            raise ValueError(f"soft `target` must sum to 1 over the class axis {axis}, got sums "
-                             f"from {tsum.amin().item():.4f} to {tsum.amax().item():.4f}")
+    if check: _check_soft(t, tsum, axis, target.dtype)
     return t, tsum
 
-def _index_targets(input:Tensor, target:Tensor, axis:int, ignore_index:int, check:bool):
+def _index_targets(input:Tensor, target:Tensor, axis:int, ignore_index:int|None, check:bool):
     "Class indices shaped like the input's rows (or flat, as fastai's), the kept mask (None: all)"
     K, rows = input.shape[axis], input.shape[:axis] + input.shape[axis+1:]
     if target.dtype == torch.bool:
@@ -394,11 +471,12 @@ def _index_targets(input:Tensor, target:Tensor, axis:int, ignore_index:int, chec
                          "(or be soft targets shaped like the input)")
     idx = target.long()
     if not check:  # traced by torch.compile: no branch on the values
+        if ignore_index is None: return idx, None
         keep = idx != ignore_index
         return torch.where(keep, idx, 0), keep
     lo, hi = _range(idx)
     keep = None
-    if lo <= ignore_index <= hi:  # look for ignored positions only if there can be some
+    if ignore_index is not None and lo <= ignore_index <= hi:  # only if there can be some
         keep = idx != ignore_index
         if keep.all(): keep = None
         else: idx = torch.where(keep, idx, 0); lo, hi = _range(idx)
@@ -418,60 +496,97 @@ def _per_row(vec:Tensor, idx, soft, axis:int) -> Tensor:
     "A class vector's value for each row: `vec[y]` for class indices, <T, vec> for soft targets"
     return vec[idx] if idx is not None else _weighted_sum(soft, vec, axis, False)
 
+class _Others(NamedTuple):
+    "`prior='others'` written so that a class with smoothed target 0 gets a coefficient of 0"
+    c_T: Tensor|float # B = c_T T + c_V (V - T): the target's coefficient, (1-eps) times its weight
+    c_V: Tensor|float # eps / (K-1) times the weight
+    V: Tensor|None # the class weights in 'torch' mode (soft targets `T` are weighted), else ones
+
+class _Coefficients(NamedTuple):
+    "Per-row numbers of `loss = A lse - cT <T, x> - cv <v, x>`: the target's weight B = cT T + cv v"
+    cT: Tensor|float
+    cv: Tensor|float
+    A: Tensor|float # the sum of B: cT <T, 1> + cv <v, 1>
+    v: Tensor|_RowPriors|None # the prior: a class vector, each row's prior, or None (uniform)
+    soft: Tensor|None # soft targets, times the class weights in 'torch' mode
+    others: _Others|None # the same B for `prior='others'`, without cancellation
+
 def _row_coefficients(idx, soft, tsum, keep, weight, prior, eps, K, axis, reduction, weight_mode,
-                      dt):
-    "Per-row numbers cT, cv, A of `A lse - cT <T, x> - cv <v, x>`, v (or `_RowPriors`), targets T"
+                      dt) -> _Coefficients:
+    "The coefficients of `B = cT T + cv v` per row, for targets `T` and the prior `v`"
     v = prior if isinstance(prior, Tensor) else None
     mixing = soft  # soft targets as given: they mix a K x K prior's rows, in every weight mode
-    a_u, b_u = (-1 / (K - 1), K / (K - 1)) if prior == 'others' else (0., 1.)
+    others = prior == 'others'
+    a_u, b_u = (-1 / (K - 1), K / (K - 1)) if others else (0., 1.)
     n, mean = (tsum.numel() if idx is None else idx.numel()), reduction == 'mean'
     kept = 1. if keep is None else keep.to(dt)
-    if weight is not None:
-        if mean and not (weight_mode == 'torch' and soft is not None):  # scale-free: normalise
-            weight = weight / torch.where(weight.amax() > 0, weight.amax(), 1.)
-        w_y = _per_row(weight, idx, soft, axis)
-        w_row = kept * w_y
-    else: w_row = kept
-    t_sum = 1. if idx is not None else tsum
+    w_row = kept if weight is None else kept * _per_row(weight, idx, soft, axis)
+    t_sum, V = (1. if idx is not None else tsum), None
     if weight_mode == 'torch' and weight is not None:
-        v = weight / K if v is None else weight * v  # K x K: each row y becomes w * P[y]
+        v, V = (weight / K if v is None else weight * v), weight  # K x K: row y becomes w * P[y]
         if soft is not None: soft, t_sum = soft * _class_vec(weight, soft, axis), w_row
         w_t = w_row if idx is not None else kept
         den = _mean_denominator(w_t, n) if mean else 1.
-        cT, cv = (1 - eps + eps * a_u) * w_t / den, eps * b_u * kept / den
+        c_T, c_v, c_a = (1 - eps) * w_t / den, eps * kept / den, eps * w_t / den
     elif weight_mode == 'fastai' and weight is not None:
         d1, d2 = (_mean_denominator(w_row, n), _mean_denominator(kept, n)) if mean else (1., 1.)
-        cT = (1 - eps) * w_row / d1 + eps * a_u * kept / d2
-        cv = eps * b_u * kept / d2
+        c_T, c_v = (1 - eps) * w_row / d1, eps * kept / d2
     else:
         den = _mean_denominator(w_row, n) if mean else 1.
-        cT, cv = (1 - eps + eps * a_u) * w_row / den, eps * b_u * w_row / den
+        c_T, c_v = (1 - eps) * w_row / den, eps * w_row / den
+    if not (weight_mode == 'torch' and weight is not None): c_a = c_v
+    cT, cv = c_T + a_u * c_a, b_u * c_v  # the prior u = a_u T + b_u v
+    others = _Others(c_T, c_v / (K - 1), V) if others else None
     if v is not None and v.ndim == 2:  # K x K: the prior of each row's target
         v = _RowPriors(v, idx if idx is not None else mixing)
         v_total = _per_row(v.P.sum(-1), idx, mixing, axis)
     else: v_total = 1. if v is None else v.sum()
-    A = cT * t_sum + cv * v_total
-    return cT, cv, A, v, soft
+    return _Coefficients(cT, cv, cT * t_sum + cv * v_total, v, soft, others)
 
 # %% ../nbs/00_losses.ipynb #6d399113
 _DENSE_BELOW = 1 << 16  # inputs with fewer logits take the dense path
 
-def _dense_label_smoothing(x, idx, soft, cT, cv, A, v, axis, reduction):
-    "The fused function's loss as `-<B, log_softmax(x)>`, with `B = cT T + cv v` in full"
+def _target_weights(x:Tensor, idx, co:_Coefficients, axis:int) -> Tensor:
+    "The target's weight `B = cT T + cv v` in full (x's shape), exactly 0 where it is 0"
     along = lambda c: c.unsqueeze(axis) if isinstance(c, Tensor) and c.ndim else c  # one per row
+    dt, soft = _f32_dtype(x.dtype), co.soft
+    if co.others is not None:  # c_T T + c_V (V - T): a class with no target weight gets 0
+        c_T, c_V, V = co.others
+        V = 1. if V is None else _class_vec(V, x, axis)
+        if soft is not None: return along(c_T) * soft + along(c_V) * (V - soft)
+        B = (along(c_V) * torch.ones_like(x, dtype=dt) * V).to(dt)
+        c_y = (c_T * torch.ones_like(idx, dtype=dt)).unsqueeze(axis)  # overwritten, not added
+        return B.scatter_(axis, idx.unsqueeze(axis), c_y)
+    B = along(co.cv) * _prior_part(co.v, x, axis)
+    if soft is not None: return B + along(co.cT) * soft
+    B = B * torch.ones_like(x, dtype=dt)
+    c_y = (co.cT * torch.ones_like(idx, dtype=dt)).unsqueeze(axis)
+    return B.scatter_add(axis, idx.unsqueeze(axis), c_y)
+
+def _dense_label_smoothing(x:Tensor, idx, co:_Coefficients, axis:int, reduction:str) -> Tensor:
+    "The fused function's loss as `-<B, log_softmax(x)>`, with the target weights `B` in full"
+    A = co.A
     if isinstance(A, Tensor) and A.ndim:  # rows without target weight: their logits play no part
-        x = x.masked_fill(along(A) == 0, 0)
+        x = x.masked_fill(A.unsqueeze(axis) == 0, 0)
     # in float64: logits spanning more than float32's range keep a finite log-probability
-    lp, dt = torch.log_softmax(x.double(), axis), _f32_dtype(x.dtype)
-    if soft is not None: negB = soft * -along(cT)  # B in the coefficients' type
-    else: negB = torch.zeros_like(lp, dtype=dt).scatter_(axis, idx.unsqueeze(axis), -along(cT))
-    prior_part = along(cv) * _prior_part(v, lp, axis)
-    negB.sub_(prior_part)  # -B: no autograd step for the sign
-    terms = torch.where(negB == 0, 0., lp * negB)  # a class without target weight adds 0, always
+    lp, B = torch.log_softmax(x.double(), axis), _target_weights(x, idx, co, axis)
+    terms = torch.where(B == 0, 0., lp * -B)  # a class without target weight adds 0, always
     # summed in float64: the small smoothing terms are not rounded away against the target's
     if reduction == 'none': loss = terms.sum(axis, dtype=torch.float64)
     else: loss = terms.sum(dtype=torch.float64)
-    return loss.to(dt)
+    return loss.to(_f32_dtype(x.dtype))
+
+def _dense_rows(x:Tensor, idx, soft, co:_Coefficients, axis:int, rows:Tensor) -> Tensor:
+    "The dense loss of the `rows` (a mask) of `x`: the answer where the fused sums are not finite"
+    pick = lambda t: t if not isinstance(t, Tensor) or t.ndim == 0 else \
+        t[rows] if t.shape == rows.shape else t.movedim(axis, -1)[rows]
+    v = co.v
+    if isinstance(v, _RowPriors): v = v._replace(by=pick(v.by))
+    others = None if co.others is None else co.others._replace(
+        c_T=pick(co.others.c_T), c_V=pick(co.others.c_V))
+    sub = _Coefficients(pick(co.cT), pick(co.cv), pick(co.A), v, pick(soft), others)
+    with torch.no_grad():
+        return _dense_label_smoothing(pick(x), pick(idx), sub, 1, 'none')
 
 # %% ../nbs/00_losses.ipynb #d724dd9e
 def label_smoothing_cross_entropy(
@@ -481,56 +596,47 @@ def label_smoothing_cross_entropy(
     weight:Tensor|None=None, # one non-negative weight per class
     reduction:str='mean', # 'mean', 'sum' or 'none'
     *,
-    prior=None, # None (uniform), 'others', K class probabilities, or K x K: row y for class y
-    ignore_index:int=-100, # class index that contributes nothing
-    axis:int=1, # the class axis of `input`
+    prior:str|Tensor|None=None, # None (uniform), 'others', K class probabilities, or K x K
+    ignore_index:int|None=-100, # class index that contributes nothing (None: nothing ignored)
+    axis:int=1, # the class axis of `input` (any of 0, 1, -1 for a 1-D input, as torch's)
     weight_mode:str='sample', # how `weight` applies: 'sample', 'torch' or 'fastai'
 ) -> Tensor: # float32 loss: a scalar, or one per position for 'none'
     "Cross-entropy of the smoothed target `(1-eps)*target + eps*prior` and `softmax(input)`"
-    eps = _check_eps(eps)
+    eps, ignore_index = _check_eps(eps), _check_ignore_index(ignore_index)
     _check_choice('reduction', reduction, _reductions)
     _check_choice('weight_mode', weight_mode, _weight_modes)
-    if input.ndim == 0: raise ValueError("`input` must have a class axis, got a scalar")
     x, target = [t if type(t) is Tensor else t.as_subclass(Tensor) for t in (input, target)]
-    axis = _check_axis(axis, x.ndim)
+    x, target, axis, unbatched = _batched(x, target, axis)
+    with _no_autocast(x):  # the loss's own products in float32 (or float64), never in half
+        loss = _label_smoothing(x, target, eps, weight, reduction, prior, ignore_index, axis,
+                                weight_mode)
+    return loss.squeeze(0) if unbatched and reduction == 'none' else loss
+
+def _label_smoothing(x, target, eps, weight, reduction, prior, ignore_index, axis, weight_mode):
+    "The loss on checked arguments, `x` batched"
     K, dt = x.shape[axis], _f32_dtype(x.dtype)
     if K == 0: raise ValueError(f"`input` has no classes on axis {axis}: shape {tuple(x.shape)}")
     for name, t in (('target', target), ('weight', weight), ('prior', prior)):
         _check_device(name, t, x)
     prior, weight = _check_prior(prior, K), _check_class_vector('weight', weight, K)
     check = _readable(x, target)
-    if _is_soft(x, target):
+    soft_given = _is_soft(x, target)
+    if soft_given:
         (soft, tsum), idx, keep = _soft_targets(x, target, axis, ignore_index, check), None, None
     else: (idx, keep), soft, tsum = _index_targets(x, target, axis, ignore_index, check), None, None
     if isinstance(prior, Tensor): prior = prior.to(dt)
-    if weight is not None: weight = weight.to(dt)
-    cT, cv, A, v, soft = _row_coefficients(idx, soft, tsum, keep, weight, prior, eps, K, axis,
-                                           reduction, weight_mode, dt)
+    if weight is not None:  # scale-free modes: normalised in the weights' own dtype, then cast
+        if reduction == 'mean' and not (weight_mode == 'torch' and soft_given):
+            weight = weight / torch.where(weight.amax() > 0, weight.amax(), 1.)
+        weight = weight.to(dt)
+    co = _row_coefficients(idx, soft, tsum, keep, weight, prior, eps, K, axis, reduction,
+                           weight_mode, dt)
     graph_args = any(isinstance(t, Tensor) and t.requires_grad for t in (soft, weight, prior))
     if x.numel() < _DENSE_BELOW or not check or graph_args:  # small, traced, more to differentiate
-        return _dense_label_smoothing(x, idx, soft, cT, cv, A, v, axis, reduction)
-    v_has_zeros = isinstance(v, Tensor) and bool((v == 0).any())
-    loss = _FusedLabelSmoothing.apply(x, idx, soft, cT, cv, A, v, axis, v_has_zeros)
+        return _dense_label_smoothing(x, idx, co, axis, reduction)
+    v_has_zeros = isinstance(co.v, Tensor) and bool((co.v == 0).any())
+    loss = _FusedLabelSmoothing.apply(x, idx, co.soft, co, axis, v_has_zeros)
     return loss if reduction == 'none' else loss.sum()
-
-# %% ../nbs/00_losses.ipynb #3ea42689
-def _fused_only(x, target, **kwargs):
-    "`label_smoothing_cross_entropy` with the dense path for small inputs switched off"
-    global _DENSE_BELOW
-    old, _DENSE_BELOW = _DENSE_BELOW, 0
-    try: return label_smoothing_cross_entropy(x, target, **kwargs)
-    finally: _DENSE_BELOW = old
-
-def _compare_with_reference(x, target, atol=1e-5, **kwargs):
-    "Loss and input gradient of the fused path, function as called and reference: asserted close"
-    fs = (_fused_only, label_smoothing_cross_entropy, reference_label_smoothing_cross_entropy)
-    xs = [x.detach().clone().requires_grad_() for _ in fs]
-    outs = [f(xi, target, **kwargs) for f, xi in zip(fs, xs)]
-    g = torch.randn_like(outs[-1]) if outs[-1].ndim else torch.ones(())
-    for o in outs: (o * g).sum().backward()
-    for o, xi in zip(outs[:-1], xs):
-        test_close(o, outs[-1], eps=atol); test_close(xi.grad, xs[-1].grad, eps=atol)
-    return outs[0]
 
 # %% ../nbs/00_losses.ipynb #019c7b9b
 class LabelSmoothingCrossEntropy(nn.Module):
@@ -541,13 +647,15 @@ class LabelSmoothingCrossEntropy(nn.Module):
         weight:Tensor|None=None, # one non-negative weight per class
         reduction:str='mean', # 'mean', 'sum' or 'none'
         *,
-        prior=None, # None (uniform), 'others', K class probabilities, or K x K: row y, class y
-        ignore_index:int=-100, # class index that contributes nothing
+        prior:str|Tensor|None=None, # None (uniform), 'others', K class probabilities, or K x K
+        ignore_index:int|None=-100, # class index that contributes nothing (None: nothing ignored)
         axis:int=1, # the class axis of the input
         weight_mode:str='sample', # how `weight` applies: 'sample', 'torch' or 'fastai'
     ):
         super().__init__()
-        _check_eps(eps); _check_choice('reduction', reduction, _reductions)
+        eps, ignore_index = _check_eps(eps), _check_ignore_index(ignore_index)
+        axis = _number('axis', axis, numbers.Integral, 'an integer')
+        _check_choice('reduction', reduction, _reductions)
         _check_choice('weight_mode', weight_mode, _weight_modes)
         store_attr('eps,reduction,ignore_index,axis,weight_mode')
         self.register_buffer('weight', _check_class_vector('weight', weight))
@@ -584,22 +692,29 @@ class LabelSmoothingCrossEntropyFlat(BaseLoss):
         weight:Tensor|None=None, # one non-negative weight per class
         reduction:str='mean', # 'mean', 'sum' or 'none' (per item: its kept positions' mean)
         *,
-        prior=None, # None (uniform), 'others', K class probabilities, or K x K: row y, class y
-        ignore_index:int=-100, # class index that contributes nothing
+        prior:str|Tensor|None=None, # None (uniform), 'others', K class probabilities, or K x K
+        ignore_index:int|None=-100, # class index that contributes nothing (None: nothing ignored)
         axis:int=-1, # the class axis of the input
         weight_mode:str='sample', # how `weight` applies: 'sample', 'torch' or 'fastai'
     ):
         super().__init__(LabelSmoothingCrossEntropy, eps, weight, reduction, prior=prior,
                          ignore_index=ignore_index, weight_mode=weight_mode, axis=axis,
                          flatten=False)
-        self.axis = self.func.axis = axis  # `BaseLoss` keeps `axis` to itself; the module needs it
+        # `BaseLoss` keeps `axis` to itself; the module needs it
+        self.axis = self.func.axis = _number('axis', axis, numbers.Integral, 'an integer')
 
     def __call__(self, inp:Tensor, targ:Tensor, **kwargs) -> Tensor:
         "The loss; with reduction 'none', one value per item (the mean over its kept positions)"
+        soft = _is_soft(inp, targ)
+        if not soft and -inp.ndim <= self.axis < inp.ndim:  # else the loss says what is wrong
+            rows = inp.shape[:self.axis % inp.ndim] + inp.shape[self.axis % inp.ndim + 1:]
+            unit = lambda shape: [d for d in shape if d != 1]
+            if unit(targ.shape) == unit(rows): targ = targ.reshape(rows)  # tabular: (bs, 1)
         loss = self.func(inp, targ, **kwargs)
         if loss.ndim <= 1: return loss
-        if _is_soft(inp, targ): kept = torch.ones_like(loss)
-        else: kept = (targ.reshape(loss.shape) != self.func.ignore_index).to(loss.dtype)
+        ignore = self.func.ignore_index
+        if soft or ignore is None: kept = torch.ones_like(loss)
+        else: kept = (targ.reshape(loss.shape) != ignore).to(loss.dtype)
         return loss.flatten(1).sum(1) / kept.flatten(1).sum(1).clamp_min(1)
 
     activation = LabelSmoothingCrossEntropy.activation  # over `self.axis`

@@ -6,10 +6,12 @@
 from __future__ import annotations
 import torch, torch.nn as nn, torch.nn.functional as F
 from torch import Tensor
+import math
 from fastcore.basics import store_attr
 from fastcore.meta import delegates, use_kwargs_dict
 from fastai.losses import BaseLoss
-from .losses import _check_choice, _check_eps, _f32, _range, _reductions
+from .losses import (_check_choice, _check_eps, _f32, _no_autocast, _number,
+                                       _range, _reductions)
 
 # %% auto #0
 __all__ = ['smooth_multilabel_targets', 'label_smoothing_bce_with_logits', 'reference_label_smoothing_bce',
@@ -35,15 +37,28 @@ def _per_label(name:str, v, x:Tensor, at_most:float|None=None) -> Tensor|None:
         raise ValueError(f"`{name}` must be {rng}, got values from {lo:g} to {hi:g}")
     return v
 
+def _check_label_ignore(ignore_index) -> float|None:
+    "`ignore_index` as a float (NaN included: labels marked missing), or `None`: nothing ignored"
+    return None if ignore_index is None else _number('ignore_index', ignore_index)
+
+def _kept_labels(target:Tensor, ignore_index:float|None) -> Tensor|None:
+    "Where `target` is not `ignore_index` (NaN matches NaN); `None` where every label is kept"
+    if ignore_index is None: return None
+    keep = ~target.isnan() if math.isnan(ignore_index) else target != ignore_index
+    return None if keep.all() else keep
+
 # %% ../nbs/03_multilabel.ipynb #ee1d5181
 def smooth_multilabel_targets(
     target:Tensor, # labels in [0, 1] (float, integer or bool), label axis 1
     eps:float=0.1, # share of each label's target moved to its prior
-    prior=None, # None (0.5, Keras), a float, or per-label probabilities of being positive
+    prior:float|Tensor|None=None, # None (0.5, Keras), a float, or per-label probabilities
 ) -> Tensor: # y' = (1-eps) y + eps u, float32 (float64 for float64 targets)
     "Each label's target smoothed toward its prior probability of being positive"
     eps = _check_eps(eps)
     y = _f32(target.as_subclass(Tensor)) if target.dtype.is_floating_point else target.float()
+    if y.isnan().any():
+        raise ValueError("`target` has NaN labels: to leave missing labels out, pass "
+                         "`ignore_index=float('nan')` to the loss (or mark them with a number)")
     lo, hi = _range(y)
     if not (lo >= 0 and hi <= 1):
         raise ValueError(f"`target` must hold probabilities in [0, 1], got {lo:g} to {hi:g}")
@@ -59,34 +74,40 @@ def label_smoothing_bce_with_logits(
     reduction:str='mean', # 'mean' (over kept labels), 'sum' or 'none'
     *,
     pos_weight:Tensor|None=None, # weight of the positive term, as torch's (K values: per label)
-    prior=None, # None (0.5, Keras), a float, or per-label probabilities of being positive
-    ignore_index:float|None=None, # target value of labels that contribute nothing
-) -> Tensor: # the loss: a scalar, or input's shape for 'none' (float32 for half-precision input)
+    prior:float|Tensor|None=None, # None (0.5, Keras), a float, or per-label probabilities
+    ignore_index:float|None=None, # target value of labels left out (NaN: labels marked missing)
+) -> Tensor: # the loss in the logits' dtype (float32 for half): a scalar, or input's shape
     "Binary cross-entropy with logits against each label's target smoothed toward `prior`"
     _check_choice('reduction', reduction, _reductions)
+    ignore_index = _check_label_ignore(ignore_index)
     x, target = [t if type(t) is Tensor else t.as_subclass(Tensor) for t in (input, target)]
+    if not x.dtype.is_floating_point:
+        raise ValueError(f"`input` must be floating-point logits, got dtype {x.dtype}")
     if target.shape != x.shape:
         raise ValueError(f"`target` must have the input's shape {tuple(x.shape)}, "
                          f"got {tuple(target.shape)}")
-    x = _f32(x)
-    keep = None if ignore_index is None else target != ignore_index
-    if keep is not None and keep.all(): keep = None
-    if keep is not None:  # nothing from the ignored labels, not even a NaN logit
-        x, target = torch.where(keep, x, 0.), torch.where(keep, target, 0)
-    t = smooth_multilabel_targets(target, eps, prior).to(x.dtype)
-    w, pw = _per_label('weight', weight, x), _per_label('pos_weight', pos_weight, x)
-    bce = lambda red: F.binary_cross_entropy_with_logits(x, t, w, reduction=red, pos_weight=pw)
-    if keep is None: return bce(reduction)
-    loss = torch.where(keep, bce('none'), 0.)
+    with _no_autocast(x):  # in the logits' dtype (float32 for half), whatever autocast says
+        x = _f32(x)
+        keep = _kept_labels(target, ignore_index)
+        if keep is not None:  # nothing from the ignored labels, not even a NaN logit
+            x, target = torch.where(keep, x, 0.), torch.where(keep, target, 0)
+        # targets (hard ones too) and prior in the logits' dtype before any arithmetic
+        t = smooth_multilabel_targets(target.to(x.dtype), eps, prior)
+        w, pw = _per_label('weight', weight, x), _per_label('pos_weight', pos_weight, x)
+        bce = lambda red: F.binary_cross_entropy_with_logits(x, t, w, reduction=red, pos_weight=pw)
+        if keep is None and (reduction != 'mean' or x.numel()): return bce(reduction)  # torch's
+        loss = bce('none') if keep is None else torch.where(keep, bce('none'), 0.)
     if reduction == 'none': return loss
-    return loss.sum() if reduction == 'sum' else loss.sum() / keep.sum().clamp_min(1)
+    n_kept = max(x.numel(), 1) if keep is None else keep.sum().clamp_min(1)  # no labels: 0
+    return loss.sum() if reduction == 'sum' else loss.sum() / n_kept
 
 # %% ../nbs/03_multilabel.ipynb #1b161a10
 def reference_label_smoothing_bce(input, target, eps=0.1, weight=None, reduction='mean',
                                   pos_weight=None, prior=None, ignore_index=None):
     "The loss from its definition in float64: the formula the property tests check against"
     x, y = input.double(), target.double()
-    keep = torch.ones_like(y, dtype=torch.bool) if ignore_index is None else y != ignore_index
+    keep = _kept_labels(y, None if ignore_index is None else float(ignore_index))
+    keep = torch.ones_like(y, dtype=torch.bool) if keep is None else keep
     y = torch.where(keep, y, 0.)
     def per_label(v, default):  # K values along axis 1
         v = torch.as_tensor(default if v is None else v, dtype=torch.float64)
@@ -108,15 +129,18 @@ class LabelSmoothingBCEWithLogits(nn.Module):
         reduction:str='mean', # 'mean' (over kept labels), 'sum' or 'none'
         *,
         pos_weight:Tensor|None=None, # weight of the positive term, as torch's (K values: per label)
-        prior=None, # None (0.5, Keras), a float, or per-label probabilities of being positive
-        ignore_index:float|None=None, # target value of labels that contribute nothing
+        prior:float|Tensor|None=None, # None (0.5, Keras), a float, or per-label probabilities
+        ignore_index:float|None=None, # target value of labels left out (NaN: marked missing)
         thresh:float=0.5, # probability above which `decodes` says a label is present
     ):
         super().__init__()
-        _check_eps(eps); _check_choice('reduction', reduction, _reductions)
+        eps, ignore_index = _check_eps(eps), _check_label_ignore(ignore_index)
+        _check_choice('reduction', reduction, _reductions)
         store_attr('eps,reduction,ignore_index,thresh')
         def checked(name, v, **kw):  # against its own shape here, against the input's in `forward`
-            return v if v is None else _per_label(name, v, torch.as_tensor(v).float(), **kw)
+            if v is None: return None
+            like = torch.as_tensor(v)  # its own float dtype (float64 stays float64)
+            return _per_label(name, v, like if like.is_floating_point() else like.float(), **kw)
         self.register_buffer('weight', checked('weight', weight))
         self.register_buffer('pos_weight', checked('pos_weight', pos_weight))
         prior_arg, prior = prior, checked('prior', prior, at_most=1.)
@@ -156,8 +180,8 @@ class LabelSmoothingBCEWithLogitsFlat(BaseLoss):
         "The loss; with reduction 'none', one value per item (the mean over its kept labels)"
         loss = self.func(inp, targ, **kwargs)
         if loss.ndim <= 1: return loss
-        ignore = self.func.ignore_index
-        keep = torch.ones_like(loss) if ignore is None else (targ != ignore).to(loss.dtype)
+        keep = _kept_labels(targ, self.func.ignore_index)
+        keep = torch.ones_like(loss) if keep is None else keep.to(loss.dtype)
         return loss.flatten(1).sum(1) / keep.flatten(1).sum(1).clamp_min(1)
 
     def activation(self, out:Tensor) -> Tensor: return torch.sigmoid(out)
