@@ -8,7 +8,7 @@ import numbers
 import torch
 import matplotlib.pyplot as plt
 from torch import Tensor
-from .losses import _f32
+from .losses import _f32, _sum_tolerance
 
 # %% auto #0
 __all__ = ['adaptive_ece', 'classwise_ece', 'aurc', 'fit_temperature']
@@ -77,6 +77,8 @@ def _label_rows(scores:Tensor, y:Tensor, ignore_index:int, logits:bool) -> tuple
 def _samples(scores:Tensor, targets:Tensor, axis:int=1, ignore_index:int=-100,
              multilabel:bool=False, logits:bool=False) -> tuple:
     "`(rows, labels, label index or None)` of the kept positions, as the public metrics take them"
+    scores, targets, axis = _check_scores('logits' if logits else 'probs', scores, targets, axis,
+                                          multilabel, probabilities=not logits)
     if multilabel: return _label_rows(scores, targets, ignore_index, logits)
     return *_kept_rows(scores, targets, axis, ignore_index), None
 
@@ -91,6 +93,55 @@ def _top_label(probs:Tensor, labels:Tensor) -> tuple:
     conf, top = probs.max(1)
     return conf.double(), (top == labels).double()
 
+
+# %% ../nbs/05_calibration.ipynb #b8c790fa
+def _check_class_axis(name:str, x:Tensor, axis) -> int:
+    "`axis` as an index in [0, ndim) of `x`, the argument `name`; out of range is refused"
+    if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
+        raise ValueError(f"`axis` must be an integer, got {axis!r}")
+    if x.ndim < 2:
+        raise ValueError(f"`{name}` has shape {tuple(x.shape)}: it needs a batch and a class axis, "
+                         f"(N, K, ...); for one sample pass `{name}[None]`, for one probability "
+                         "per item `multilabel=True`")
+    if not -x.ndim <= axis < x.ndim:
+        raise ValueError(f"`axis` is {axis} but `{name}` has {x.ndim} dimensions: "
+                         f"it must be in [{-x.ndim}, {x.ndim})")
+    return int(axis) % x.ndim
+
+def _check_probabilities(name:str, p:Tensor, dtype:torch.dtype) -> Tensor:
+    "`p` with values a few roundings (of `dtype`) outside [0, 1] clamped; further refused (logits?)"
+    tol = _sum_tolerance(dtype, 1e-6)
+    outside = (p < 0) | (p > 1)  # NaN: neither
+    if not outside.any(): return p
+    if ((p < -tol) | (p > 1 + tol)).any():
+        bad = p[outside]
+        raise ValueError(f"`{name}` holds values outside [0, 1] (from {bad.min().item():.4g} to "
+                         f"{bad.max().item():.4g}): pass probabilities (as `get_preds` returns "
+                         "them: softmax or sigmoid of the logits), not logits")
+    return p.clamp(0, 1)
+
+def _check_scores(name:str, scores:Tensor, targets:Tensor, axis, multilabel:bool,
+                  probabilities:bool=True) -> tuple:
+    "`(scores, targets, axis)` checked for every measure: float scores, an axis, class targets"
+    if not isinstance(scores, Tensor):
+        raise ValueError(f"`{name}` must be a tensor, got {type(scores).__name__}")
+    s = scores.detach().as_subclass(Tensor)
+    s = _f32(s) if s.dtype.is_floating_point else s.float()  # integer 0/1 predictions
+    t = torch.as_tensor(targets).as_subclass(Tensor)
+    if probabilities: s = _check_probabilities(name, s, scores.dtype)
+    if multilabel: return s, t, axis  # entries: the label axis is 1 (see `_label_rows`)
+    axis = _check_class_axis(name, s, axis)
+    if t.shape == s.shape and not t.dtype.is_floating_point:  # integer or boolean one-hot
+        t = t.long()
+        if ((t != 0) & (t != 1)).any() or (t.sum(axis) != 1).any():
+            raise ValueError(f"`targets` has the shape of `{name}` {tuple(s.shape)} but is not "
+                             f"one-hot along `axis` {axis}: pass class indices, one-hot or "
+                             "float (soft) targets")
+        t = t.argmax(axis)
+    elif t.dtype.is_floating_point and t.shape != s.shape and (t != t.round()).any():
+        raise ValueError("`targets` holds class indices that are not whole numbers; "
+                         f"soft targets must have the shape of `{name}` {tuple(s.shape)}")
+    return s, t, axis
 
 # %% ../nbs/05_calibration.ipynb #ced6d5a0
 def _check_positive_int(name:str, n) -> int:

@@ -51,3 +51,48 @@ def test_calibration_imports_nothing_above():
     import subprocess, sys
     code = "import sys, label_smoothing_fa.calibration; assert 'label_smoothing_fa.callbacks' not in sys.modules"
     subprocess.run([sys.executable, '-c', code], check=True)
+
+# ---- issue 15, item 16: inputs checked once, errors naming the argument ----
+
+P3, T3 = torch.tensor([[.7, .2, .1], [.1, .5, .4], [.3, .3, .4]]), torch.tensor([0, 2, 1])
+PROBABILITY_MEASURES = [adaptive_ece, classwise_ece, aurc]
+
+@pytest.mark.parametrize('f', PROBABILITY_MEASURES)
+def test_logits_for_probabilities_are_refused(f):
+    "Regression: logits crashed `classwise_ece` (IndexError) and gave numbers from the others"
+    logits = torch.tensor([[2., -1, 0], [0, 1, 3], [1, 1, -2]])
+    with pytest.raises(ValueError, match=r'`probs` holds values outside \[0, 1\].*not logits'): f(logits, T3)
+    with pytest.raises(ValueError, match='`probs` holds values outside'): f(P3 + 0.4, T3)  # above 1 + tolerance
+    with pytest.raises(ValueError, match="`probs` holds values outside"): f(P3 - 0.2, T3)
+    with pytest.raises(ValueError, match="`probs` holds values outside"): f(P3 * 2, T3, multilabel=True)
+
+@pytest.mark.parametrize('f', PROBABILITY_MEASURES)
+@pytest.mark.parametrize('dtype', [torch.float16, torch.float32, torch.float64])
+def test_rounding_outside_unit_interval_is_clamped(f, dtype):
+    "Regression: a -1e-9 from rounding crashed `classwise_ece`; within the dtype's tolerance it is 0 (or 1)"
+    step = max(1e-9, torch.finfo(dtype).eps)
+    p = P3.to(dtype).clone(); p[0, 2] = -step; p[2, 2] = 1 + step if dtype != torch.float16 else 1.
+    assert f(p, T3) == f(p.clamp(0, 1), T3)
+    ml = torch.tensor([[-step, 1 + step if dtype != torch.float16 else 1., .3]], dtype=dtype)
+    assert f(ml, torch.tensor([[0., 1, 1]]), multilabel=True) == f(ml.clamp(0, 1), torch.tensor([[0., 1, 1]]), multilabel=True)
+
+@pytest.mark.parametrize('f', PROBABILITY_MEASURES + [lambda p, t, **k: fit_temperature(p.log(), t, **k)])
+def test_axis_and_dimensions_are_checked(f):
+    "Regression: an out-of-range axis or 1-D scores gave a bare IndexError"
+    for axis in (2, -3):
+        with pytest.raises(ValueError, match=f'`axis` is {axis} but `(probs|logits)` has 2 dimensions'): f(P3, T3, axis=axis)
+    with pytest.raises(ValueError, match='`axis` must be an integer'): f(P3, T3, axis=1.)
+    assert f(P3, T3, axis=-1) == f(P3, T3) == f(P3, T3, axis=np.int64(1))
+    with pytest.raises(ValueError, match=r'has shape \(3,\): it needs a batch and a class axis'): f(P3[0], T3[0])
+    assert f(P3.T, T3, axis=0) == f(P3, T3)
+
+@pytest.mark.parametrize('f', PROBABILITY_MEASURES + [lambda p, t, **k: fit_temperature(p.log(), t, **k)])
+def test_integer_one_hot_targets_are_accepted(f):
+    "Regression: integer one-hot targets (documented as accepted) were refused with a message about positions"
+    for one_hot in (F.one_hot(T3, 3), F.one_hot(T3, 3).bool(), F.one_hot(T3, 3).int()):
+        assert f(P3, one_hot) == f(P3, T3)
+    seg_p = torch.softmax(torch.randn(2, 3, 4, 5), 1)
+    seg_t = torch.randint(0, 3, (2, 4, 5))
+    assert f(seg_p, F.one_hot(seg_t, 3).movedim(-1, 1)) == f(seg_p, seg_t)
+    with pytest.raises(ValueError, match='not one-hot along `axis` 1'): f(P3, torch.ones(3, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match='not whole numbers'): f(P3, torch.tensor([0., 1.5, 2.]))
