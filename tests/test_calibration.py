@@ -3,7 +3,6 @@ import numpy as np, pytest, torch, torch.nn.functional as F
 from hypothesis import given, settings, strategies as st, HealthCheck
 
 from calibration_refs import numpy_ace, numpy_aurc, numpy_classwise_ece
-from label_smoothing_fa import calibration
 from label_smoothing_fa.calibration import adaptive_ece, classwise_ece, aurc, fit_temperature
 
 def test_calibration_refuses_targets_out_of_range():
