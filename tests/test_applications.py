@@ -84,8 +84,6 @@ def check(learn, axis=1, ignore_index=-100, multilabel=False, **preds_kwargs):
 
 # ---------------------------------------------------------------- tabular: (bs, 1) targets
 
-@pytest.mark.xfail(strict=True, reason="tabular targets are (bs, 1): LabelSmoothingCrossEntropyFlat must flatten "
-                   "them as fastai's CrossEntropyLossFlat does (issue 16; fixed in nbs/00_losses by another change)")
 def test_tabular_learner():
     df = load_wine(as_frame=True).frame
     df['target'] = df['target'].astype(str)
