@@ -4,7 +4,6 @@
 
 # %% ../nbs/01_callbacks.ipynb #7a3d1978
 from __future__ import annotations
-import numbers
 import torch, torch.distributed as dist
 import pandas as pd, matplotlib.pyplot as plt
 from torch import Tensor
@@ -14,9 +13,12 @@ from fastai.callback.core import Callback
 import fastai.losses, torch.nn as nn
 from .losses import LabelSmoothingCrossEntropy, _check_eps, _check_prior, _f32
 from .multilabel import LabelSmoothingBCEWithLogits, _per_label
+from .calibration import (_labels, _check_positions, _calibration_bins, _ece,
+    _check_positive_int, _samples, _probabilities, _top_label, _adaptive_ece, _classwise_ece,
+    _aurc, _fit_temperature, _plot_reliability_bins)
 
 # %% auto #0
-__all__ = ['adaptive_ece', 'classwise_ece', 'aurc', 'fit_temperature', 'EntropyLogger']
+__all__ = ['EntropyLogger']
 
 # %% ../nbs/01_callbacks.ipynb #5821a0c7
 # BaseLoss; torch.compile: module, function
@@ -102,30 +104,6 @@ def _stat_consts(n_classes:int, eps:float, prior=None, device=None) -> tuple:
     floor = _target_entropy(n_classes, eps, prior)
     return tuple(t if t is None else t.to(device) for t in (v, floor))
 
-def _labels(y:Tensor, pred:Tensor, axis:int) -> Tensor:
-    "Flat class indices; soft, one-hot or mixed targets shaped like `pred` give their argmax label"
-    y = y.as_subclass(Tensor)
-    if y.dtype.is_floating_point and y.shape == pred.shape: y = y.argmax(axis)
-    return y.reshape(-1).long()
-
-def _check_positions(n_target:int, n_pred:int, pred:Tensor, axis:int):
-    "Refuse a target whose positions do not match the prediction's"
-    if n_target != n_pred:
-        raise ValueError(f"the target has {n_target} positions, the prediction {n_pred} "
-                         f"(shape {tuple(pred.shape)}, class axis {axis})")
-
-def _calibration_bins(conf:Tensor, correct:Tensor, bounds:Tensor, kept:Tensor|None=None,
-                      group:Tensor|None=None, n_groups:int=1) -> Tensor:
-    "(count, sum of confidence, sum of accuracy) of the `kept` rows per bin of `bounds` (per group)"
-    # torchmetrics' bins: [lo, hi), and a confidence of 1.0 on its own
-    kept = torch.ones_like(conf) if kept is None else kept
-    # NaN predictions: in no bin
-    kept, conf = kept.masked_fill(conf.isnan(), 0), conf.nan_to_num(0.)
-    idx = torch.bucketize(conf, bounds, right=True) - 1
-    if group is not None: idx += group * len(bounds)  # group g's bins from g * len(bounds) on
-    bins = torch.zeros(n_groups * len(bounds), 3, dtype=torch.float64, device=conf.device)
-    return bins.index_add_(0, idx, torch.stack([kept, conf * kept, correct * kept], 1).double())
-
 def _batch_stats(
     pred:Tensor, y:Tensor,
     consts:tuple, # (prior, H(q') per class); or one prior and H(q') row per position
@@ -187,12 +165,6 @@ def _means(sums:Tensor, eps:float, others:int=0) -> Tensor:
     sce = (-(1 - eps) * lpy if eps < 1 else 0.) + (eps * hu if eps > 0 else 0.)
     return torch.stack([sce, hq, sce - hq, ent, conf, -lpy], -1) / n.unsqueeze(-1)
 
-# %% ../nbs/01_callbacks.ipynb #7e8e3a56
-def _ece(bins:Tensor) -> float|None:
-    "L1 ECE from (count, sum of confidence, sum of accuracy) per bin; `None` without samples"
-    n = bins[:, 0].sum()
-    return ((bins[:, 2] - bins[:, 1]).abs().sum() / n).item() if n > 0 else None
-
 # %% ../nbs/01_callbacks.ipynb #8122f8f8
 def _binary_view(pred:Tensor, y:Tensor, eps:float, prior=None, ignore_index:int=-100):
     "Labels as two-class rows: logits (0, x) on a new last axis, 0/1 (or `ignore_index`), constants"
@@ -205,190 +177,6 @@ def _binary_view(pred:Tensor, y:Tensor, eps:float, prior=None, ignore_index:int=
     floor = torch.stack([h(a), h(a + 1 - eps)], -1).reshape(-1, 2)
     v = None if prior is None else torch.stack([1 - u, u], -1).reshape(-1, 2)
     return torch.stack([torch.zeros_like(x), x], -1), lab, (v, floor)
-
-# %% ../nbs/01_callbacks.ipynb #1d5d70e5
-def _kept_rows(pred:Tensor, y:Tensor, axis:int, ignore_index:int) -> tuple:
-    "`(rows, labels)` of the kept positions: the scores with the classes last `(M, K)`, float32"
-    x = _f32(pred.detach().as_subclass(Tensor))
-    rows, labels = x.movedim(axis, -1).reshape(-1, x.shape[axis]), _labels(y, pred, axis)
-    _check_positions(len(labels), len(rows), pred, axis)
-    kept = labels != ignore_index
-    rows, labels, K = rows[kept], labels[kept], x.shape[axis]
-    if ((labels < 0) | (labels >= K)).any():  # they would count as errors: silently wrong
-        raise ValueError(f"`targets` holds class indices outside [0, {K}) that are not "
-                         f"`ignore_index` ({ignore_index})")
-    return rows, labels
-
-def _label_columns(x:Tensor) -> Tensor:
-    "The label (index on axis 1) of each of `x`'s entries, in memory order"
-    if x.ndim < 2: return torch.zeros(x.numel(), dtype=torch.long, device=x.device)
-    labels = torch.arange(x.shape[1], device=x.device).view(1, -1, *[1] * (x.ndim - 2))
-    return labels.expand(x.shape).reshape(-1)
-
-def _label_rows(scores:Tensor, y:Tensor, ignore_index:int, logits:bool) -> tuple:
-    "Kept (item, label) entries as two-class rows, (0, x) or (1 - p, p); labels 0/1; label index"
-    s = _f32(scores.detach().as_subclass(Tensor))
-    y = y.as_subclass(Tensor)
-    if y.shape != s.shape:
-        raise ValueError(f"multi-label targets must have the scores' shape {tuple(s.shape)}, "
-                         f"got {tuple(y.shape)}")
-    s, y, kept = s.reshape(-1), y.reshape(-1), y.reshape(-1) != ignore_index
-    rows = torch.stack([torch.zeros_like(s), s] if logits else [1 - s, s], 1)
-    return rows[kept], (y > 0.5).long()[kept], _label_columns(scores)[kept]
-
-def _samples(scores:Tensor, targets:Tensor, axis:int=1, ignore_index:int=-100,
-             multilabel:bool=False, logits:bool=False) -> tuple:
-    "`(rows, labels, label index or None)` of the kept positions, as the public metrics take them"
-    if multilabel: return _label_rows(scores, targets, ignore_index, logits)
-    return *_kept_rows(scores, targets, axis, ignore_index), None
-
-def _probabilities(logit_rows:Tensor, multilabel:bool) -> Tensor:
-    "The rows' probabilities as `get_preds` gives them: softmax; multi-label (1 - p, p), p = σ(x)"
-    if not multilabel: return logit_rows.softmax(1)
-    p = logit_rows[:, 1].sigmoid()
-    return torch.stack([1 - p, p], 1)
-
-def _top_label(probs:Tensor, labels:Tensor) -> tuple:
-    "Each row's confidence (max p, float64) and whether its top class (the first on ties) is right"
-    conf, top = probs.max(1)
-    return conf.double(), (top == labels).double()
-
-
-# %% ../nbs/01_callbacks.ipynb #ced6d5a0
-def _check_positive_int(name:str, n) -> int:
-    "`n`, if it is a positive integer"
-    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:  # numpy's too
-        raise ValueError(f"`{name}` must be a positive integer, got {n!r}")
-    return int(n)
-
-_NAN = float('nan')
-
-def _adaptive_ece(conf:Tensor, correct:Tensor, n_bins:int) -> float|None:
-    "ACE: rows sorted by confidence (stable), `n_bins` bins of equal count as `np.array_split`"
-    n = len(conf)
-    if n == 0: return None
-    if conf.isnan().any(): return _NAN
-    conf, order = conf.sort(stable=True)
-    sizes = torch.full((n_bins,), n // n_bins, device=conf.device)
-    sizes[:n % n_bins] += 1  # the first bins get one more, as `np.array_split` gives them
-    bin_of = torch.arange(n_bins, device=conf.device).repeat_interleave(sizes)
-    gaps = conf.new_zeros(n_bins).index_add_(0, bin_of, correct[order] - conf)
-    return (gaps.abs().sum() / n).item()
-
-def adaptive_ece(
-    probs:Tensor, # probabilities as `get_preds` returns them, classes on `axis` (multi-label: p)
-    targets:Tensor, # class indices, or targets shaped like `probs` (argmax); multi-label: 0/1
-    n_bins:int=15, # bins of equal count
-    axis:int=1, # the class axis of `probs`
-    ignore_index:int=-100, # the target of positions left out
-    multilabel:bool=False, # each (item, label) entry is a two-class sample (1 - p, p)
-) -> float|None: # `None` without samples; NaN if a kept prediction is NaN
-    "Adaptive ECE: bins of equal count by confidence, |accuracy - confidence| weighted by size"
-    rows, labels, _ = _samples(probs, targets, axis, ignore_index, multilabel)
-    return _adaptive_ece(*_top_label(rows, labels), _check_positive_int('n_bins', n_bins))
-
-
-# %% ../nbs/01_callbacks.ipynb #d05e9766
-def _classwise_ece(probs:Tensor, labels:Tensor, n_bins:int, columns:Tensor|None=None):
-    "Mean over the classes of the equal-width ECE of p_k against [y = k]; multi-label: per label"
-    if len(labels) == 0: return None
-    if probs.isnan().any(): return _NAN
-    if columns is None:  # every row is a sample of every class
-        n_classes = probs.shape[1]
-        classes = torch.arange(n_classes, device=probs.device)
-        p, hit = probs.reshape(-1), (labels[:, None] == classes).reshape(-1)
-        group = classes.repeat(len(probs))
-    else:  # a row is one label's entry: p(positive) against the label
-        p, hit, group, n_classes = probs[:, 1], labels == 1, columns, int(columns.max()) + 1
-    bounds = torch.linspace(0, 1, n_bins + 1, device=p.device)
-    bins = _calibration_bins(p, hit.to(p.dtype), bounds, group=group, n_groups=n_classes)
-    bins = bins.view(n_classes, n_bins + 1, 3)
-    count, gap = bins[..., 0].sum(1), (bins[..., 2] - bins[..., 1]).abs().sum(1)
-    has = count > 0  # multi-label: a label whose entries are all ignored has none
-    return (gap[has] / count[has]).mean().item()
-
-def classwise_ece(
-    probs:Tensor, # probabilities as `get_preds` returns them, classes on `axis` (multi-label: p)
-    targets:Tensor, # class indices, or targets shaped like `probs` (argmax); multi-label: 0/1
-    n_bins:int=15, # equal-width bins of p_k
-    axis:int=1, # the class axis of `probs`
-    ignore_index:int=-100, # the target of positions left out
-    multilabel:bool=False, # per label: its p against its 0/1 target, over its kept entries
-) -> float|None: # `None` without samples; NaN if a kept prediction is NaN
-    "Classwise ECE: per class, equal-width bins of p_k against [y = k]; the mean over classes"
-    rows, labels, columns = _samples(probs, targets, axis, ignore_index, multilabel)
-    return _classwise_ece(rows, labels, _check_positive_int('n_bins', n_bins), columns)
-
-
-# %% ../nbs/01_callbacks.ipynb #eb06fc7a
-def _aurc(conf:Tensor, correct:Tensor) -> float|None:
-    "Area under the risk-coverage curve: mean over k of the error rate of the k most confident"
-    n = len(conf)
-    if n == 0: return None
-    if conf.isnan().any(): return _NAN
-    order = conf.argsort(descending=True, stable=True)  # ties: in the samples' order
-    errors = (1 - correct[order]).cumsum(0)
-    return (errors / torch.arange(1, n + 1, device=conf.device)).mean().item()
-
-def aurc(
-    probs:Tensor, # probabilities as `get_preds` returns them, classes on `axis` (multi-label: p)
-    targets:Tensor, # class indices, or targets shaped like `probs` (argmax); multi-label: 0/1
-    axis:int=1, # the class axis of `probs`
-    ignore_index:int=-100, # the target of positions left out
-    multilabel:bool=False, # each (item, label) entry is a two-class sample (1 - p, p)
-) -> float|None: # `None` without samples; NaN if a kept prediction is NaN
-    "Area under the risk-coverage curve: the mean error rate of the k most confident, k = 1..N"
-    rows, labels, _ = _samples(probs, targets, axis, ignore_index, multilabel)
-    return _aurc(*_top_label(rows, labels))
-
-
-# %% ../nbs/01_callbacks.ipynb #68e20af9
-def _nll_slope(z:Tensor, z_y:Tensor, beta:float) -> float:
-    "d/dβ of the mean NLL of softmax(β z): mean(E_p[z] - z_y); -inf logits (masked classes) add 0"
-    p = (beta * z).softmax(1)
-    return (torch.where(p > 0, p * z, 0.).sum(1) - z_y).mean().item()
-
-def _fit_temperature(logits:Tensor, labels:Tensor, rtol:float=1e-4) -> float|None:
-    "The T > 0 minimising the mean NLL of softmax(logits / T): bisection on the slope over log T"
-    if len(labels) == 0: return None
-    z = logits.double()
-    z_y = z.gather(1, labels[:, None]).squeeze(1)
-    # the NLL is NaN, or infinite at every T
-    if z.isnan().any() or (z == float('inf')).any() or (z_y == -float('inf')).any(): return _NAN
-    top, finite = z.amax(1), z > -float('inf')
-    if (z_y == top).all():  # every label has the largest logit: the NLL falls as T -> 0
-        constant = torch.where(finite, z, top[:, None]) == top[:, None]
-        return _NAN if constant.all() else 0.  # constant rows: the NLL does not depend on T
-    # as T -> inf (β -> 0) the slope tends to mean(mean z - z_y) over the finite logits
-    mean_z = torch.where(finite, z, 0.).sum(1) / finite.sum(1)
-    if (mean_z - z_y).mean() >= 0: return float('inf')  # the NLL falls as T grows
-    # the slope rises with β = 1/T (the NLL is convex in β) from < 0 to mean(max z - z_y) > 0
-    lo = hi = 1.
-    for _ in range(64):
-        if _nll_slope(z, z_y, lo) < 0: break
-        lo /= 2
-    else: return float('inf')  # T > 2**64
-    for _ in range(64):
-        if _nll_slope(z, z_y, hi) > 0: break
-        hi *= 2
-    else: return 0.  # T < 2**-64
-    while hi / lo > 1 + rtol:
-        mid = (lo * hi) ** 0.5
-        if _nll_slope(z, z_y, mid) < 0: lo = mid
-        else: hi = mid
-    return 1 / (lo * hi) ** 0.5
-
-def fit_temperature(
-    logits:Tensor, # logits (or log-probabilities), classes on `axis` (multi-label: per label)
-    targets:Tensor, # class indices, or targets shaped like `logits` (argmax); multi-label: 0/1
-    axis:int=1, # the class axis of `logits`
-    ignore_index:int=-100, # the target of positions left out
-    multilabel:bool=False, # each (item, label) entry: sigmoid(x / T)
-) -> float|None: # 0 or inf at the ends; NaN if undefined; `None` without samples
-    "The temperature T > 0 minimising the NLL of softmax(logits / T), to a relative 1e-4"
-    rows, labels, _ = _samples(logits, targets, axis, ignore_index, multilabel, logits=True)
-    return _fit_temperature(rows, labels)
-
 
 # %% ../nbs/01_callbacks.ipynb #d8631627
 def _n_real(dl, bs:int) -> int:
@@ -740,23 +528,4 @@ def plot_reliability(self:EntropyLogger,
     if self._reliability_bins is None or not self._reliability_bins[:, 0].sum():
         raise ValueError("no validation epoch to plot: "
                          "fit the `Learner` with the `EntropyLogger` first")
-    b = self._reliability_bins[:-1].clone()
-    b[-1] += self._reliability_bins[-1]  # confidence 1.0 into the last bar
-    b = b.numpy()
-    n, has, w = b[:, 0], b[:, 0] > 0, 1 / self.n_bins
-    mid = (torch.arange(self.n_bins).numpy() + 0.5) * w
-    conf, acc = b[has, 1] / n[has], b[has, 2] / n[has]
-    if ax is None: _, ax = plt.subplots(figsize=(4.5, 4.5))
-    ax.bar(mid[has], acc, width=w, edgecolor='white', color='C0', alpha=.8, label='accuracy')
-    ax.bar(mid[has], conf - acc, bottom=acc, width=w, fill=False, edgecolor='C3', lw=0, hatch='///',
-           label='gap')
-    ax.hlines(conf, mid[has] - w / 2, mid[has] + w / 2, color='C3', lw=2, label='mean confidence')
-    edges = torch.linspace(0, 1, self.n_bins + 1).numpy()
-    ax.stairs(n / n.sum(), edges, color='grey', lw=1.5, label='share of samples')
-    ax.plot([0, 1], [0, 1], '--', color='k', lw=1)
-    ml = self._multilabel
-    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel='p (positive)' if ml else 'confidence',
-           ylabel='share positive' if ml else 'accuracy',
-           title=f"reliability, ECE = {_ece(self._reliability_bins):.4f}")
-    ax.legend(loc='upper left', fontsize='small', framealpha=0.9)
-    return ax.figure
+    return _plot_reliability_bins(self._reliability_bins, ax, self._multilabel)

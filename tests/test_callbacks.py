@@ -1,5 +1,5 @@
 "EntropyLogger: logged values against `get_preds` recomputed from the definitions and torchmetrics, the training history, fastai integration, two processes under torch.distributed."
-import importlib.metadata, pickle, sys
+import pickle
 from pathlib import Path
 
 import numpy as np, pytest, torch, torch.nn as nn, torch.nn.functional as F
@@ -15,6 +15,7 @@ from fastai.interpret import Interpretation
 from fastai.learner import Learner, Recorder, load_learner
 
 from fakes import PaddedShard, multilabel_segmentation_dls
+from calibration_refs import numpy_ace, numpy_aurc, scipy_temperature, torchmetrics_classification
 from label_smoothing_fa.callbacks import EntropyLogger
 from label_smoothing_fa.losses import LabelSmoothingCrossEntropy, LabelSmoothingCrossEntropyFlat, smooth_targets
 
@@ -27,22 +28,7 @@ def close(a, b, tol=1e-5):
     a, b = as64(a), as64(b)
     assert torch.allclose(a, b, atol=tol, rtol=0), (a, b)
 
-def calibration_error_from_torchmetrics():
-    "torchmetrics' `multiclass_calibration_error`, imported with torchvision hidden (its compiled ops need a matching torch build)"
-    import lightning_utilities.core.imports as lu
-    saved, hide = lu._version, 'torchvision' not in sys.modules
-    def _version(name):
-        if name == 'torchvision': raise importlib.metadata.PackageNotFoundError(name)
-        return saved(name)
-    lu._version = _version
-    if hide: sys.modules['torchvision'] = None
-    try: from torchmetrics.functional.classification import multiclass_calibration_error
-    finally:
-        lu._version = saved
-        if hide: del sys.modules['torchvision']
-    return multiclass_calibration_error
-
-tm_ece = calibration_error_from_torchmetrics()
+tm_ece = torchmetrics_classification().multiclass_calibration_error
 
 # ---- small synthetic problems: (N, C) classification, (N, L, C) sequences, (N, C, H, W) segmentation ----
 
@@ -323,32 +309,10 @@ def test_distributed_two_processes(tmp_path):
 
 # ---- calibration diagnostics: ace, cw_ece, temperature, aurc against independent references ----
 
-import scipy.optimize
 from label_smoothing_fa import callbacks
 from label_smoothing_fa.multilabel import LabelSmoothingBCEWithLogitsFlat
 # torchmetrics is imported already (`tm_ece`, with torchvision hidden)
 from torchmetrics.functional.classification import binary_calibration_error as tm_binary_ece
-
-def numpy_ace(p, y, n_bins=15):
-    "Adaptive ECE in float64: stable ascending order by confidence, `np.array_split` into bins"
-    conf, right = p.max(1), p.argmax(1) == y
-    order = np.argsort(conf, kind='stable')
-    return sum(len(b) / len(p) * abs(right[b].mean() - conf[b].mean()) for b in np.array_split(order, n_bins) if len(b))
-
-def numpy_aurc(p, y):
-    "Mean over k of the error rate of the k most confident (stable descending order), float64"
-    wrong = p.argmax(1) != y
-    order = np.argsort(-p.max(1), kind='stable')
-    return np.mean(np.cumsum(wrong[order]) / np.arange(1, len(p) + 1))
-
-def scipy_temperature(log_p, y):
-    "The T minimising the float64 NLL of softmax(log p / T), by scipy over log T in [-12, 12]; at a bound: 0 or inf"
-    def nll(log_t):
-        a = log_p / np.exp(log_t)
-        a = a - a.max(1, keepdims=True)
-        return np.mean(np.log(np.exp(a).sum(1)) - a[np.arange(len(y)), y])
-    log_t = scipy.optimize.minimize_scalar(nll, bounds=(-12, 12), method='bounded', options=dict(xatol=1e-10)).x
-    return 0. if log_t < -11.9 else float('inf') if log_t > 11.9 else float(np.exp(log_t))
 
 def calibration_reference(probs, targs, axis=1, ignore_index=-100, n_bins=15, columns=None):
     "The four from probabilities (rows of kept positions, or `get_preds` output) by the references above"
@@ -595,49 +559,6 @@ def test_interrupted_fit_then_new_fit():
     h = learn.entropy_logger.history
     assert h['iter'].tolist() == list(range(10)) and h['fit'].tolist() == [0] * 6 + [1] * 4
 
-def test_calibration_refuses_targets_out_of_range():
-    "Regression: a class index outside [0, K) (not `ignore_index`) counted as an error, silently; now refused"
-    probs = torch.tensor([[.7, .3], [.2, .8]])
-    for bad in ([0, 2], [-1, 1]):
-        for f in (callbacks.adaptive_ece, callbacks.classwise_ece, callbacks.aurc):
-            with pytest.raises(ValueError, match='`targets` holds class indices outside'): f(probs, torch.tensor(bad))
-        with pytest.raises(ValueError, match='`targets` holds class indices outside'):
-            callbacks.fit_temperature(probs.log(), torch.tensor(bad))
-    assert callbacks.aurc(probs, torch.tensor([0, -100])) == 0.  # `ignore_index` is still left out
-
-from hypothesis import given, settings, strategies as st, HealthCheck
-
-def numpy_classwise_ece(p, y, n_bins):
-    "Mean over classes of the equal-width ECE of p_k against [y = k]; torchmetrics' bins: [lo, hi), 1.0 on its own"
-    edges = np.linspace(0, 1, n_bins + 1).astype(np.float32).astype(np.float64)
-    def ece(pk, hit):
-        b = np.searchsorted(edges, pk, side='right') - 1
-        return sum(abs(hit[b == j].sum() - pk[b == j].sum()) for j in range(n_bins + 1)) / len(pk)
-    return np.mean([ece(p[:, k], (y == k).astype(float)) for k in range(p.shape[1])])
-
-@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
-@given(st.integers(1, 6), st.integers(0, 25), st.booleans(), st.integers(0, 2**16),
-       st.sampled_from(['random', 'ties', 'onehot', 'quantised']), st.sampled_from([torch.float16, torch.float32, torch.float64]),
-       st.integers(1, 20), st.booleans())
-def test_calibration_functions_match_numpy(K, N, seg, seed, kind, dtype, n_bins, ignore):
-    "ACE, classwise ECE and AURC against float64 numpy: ties, probabilities 0 and 1, N < n_bins, float16, segmentation"
-    g = torch.Generator().manual_seed(seed)
-    shape, rshape = ((N, K, 2, 3), (N, 2, 3)) if seg else ((N, K), (N,))
-    z = torch.randn(shape, generator=g, dtype=torch.float64) * 3
-    p = z.round().softmax(1) if kind == 'ties' else z.softmax(1)
-    if kind == 'onehot': p = F.one_hot(z.argmax(1), K).movedim(-1, 1).double()
-    if kind == 'quantised': p = (p * 4).round() / 4; p = p / p.sum(1, keepdim=True).clamp_min(1e-9)
-    p = p.to(dtype)
-    y = torch.randint(0, K, rshape, generator=g)
-    if ignore: y = torch.where(torch.rand(rshape, generator=g) < .3, -100, y)
-    p64 = (p.float() if dtype == torch.float16 else p).double().movedim(1, -1).reshape(-1, K).numpy()
-    y64 = y.reshape(-1).numpy()
-    p64, y64 = p64[y64 != -100], y64[y64 != -100]
-    got = [callbacks.adaptive_ece(p, y, n_bins), callbacks.classwise_ece(p, y, n_bins), callbacks.aurc(p, y)]
-    if len(y64) == 0: assert got == [None] * 3; return
-    for g_, r in zip(got, [numpy_ace(p64, y64, n_bins), numpy_classwise_ece(p64, y64, n_bins), numpy_aurc(p64, y64)]):
-        assert abs(g_ - r) <= 1e-6, (got, r)
-
 def test_calibration_off_by_default(monkeypatch):
     "Without `calibration=True` the logger keeps no validation samples and adds no calibration columns"
     import label_smoothing_fa.callbacks as cbs_module
@@ -650,10 +571,7 @@ def test_calibration_off_by_default(monkeypatch):
     assert calls  # the check sees the samples being kept when asked
 
 def test_counts_as_numpy_integers():
-    "`n_bins` and `every` may be numpy integers (stored as int); bools and floats are refused"
-    probs, targs = torch.softmax(torch.randn(50, 4), 1), torch.randint(0, 4, (50,))
-    from label_smoothing_fa.callbacks import adaptive_ece
-    assert adaptive_ece(probs, targs, n_bins=np.int64(5)) == adaptive_ece(probs, targs, n_bins=5)
+    "The logger's `n_bins` and `every` may be numpy integers (stored as int); bools and floats are refused"
     logger = EntropyLogger(n_bins=np.int64(5), every=np.int32(2))
     assert type(logger.n_bins) is int and type(logger.every) is int and logger.n_bins == 5
     for bad in (True, 2.0, np.float64(2)):
