@@ -452,6 +452,7 @@ def test_calibration_off_keeps_nothing(monkeypatch):
 # ---- a changing eps and prior: each batch is logged with its own ----
 
 from label_smoothing_fa.callbacks import _target_entropy
+from label_smoothing_fa.smoothing import _loss_chain
 
 def floor_by_hand(eps, K=K, prior=None):
     "H(q') of each class's smoothed one-hot target, float64 xlogy on q' = (1-eps) e_y + eps u_y"
@@ -474,7 +475,7 @@ class SetEps(Callback):
         if not self.training: return
         eps = self.schedule[self.learn.train_iter]
         if self.tell: self.learn.entropy_logger.set_eps(eps)
-        else: callbacks._loss_chain(self.learn.loss_func)[-1].eps = eps
+        else: _loss_chain(self.learn.loss_func)[-1].eps = eps
 
 @pytest.mark.parametrize('every', [1, 3])
 def test_history_follows_eps_per_batch(every):
@@ -565,7 +566,7 @@ def test_calibration_off_by_default(monkeypatch):
     calls, samples = [], cbs_module._samples
     monkeypatch.setattr(cbs_module, '_samples', lambda *a, **k: calls.append(1) or samples(*a, **k))
     learn = fit(make_learner(LabelSmoothingCrossEntropy(0.1), [EntropyLogger()]))
-    assert not calls and learn.entropy_logger._valid_samples == []
+    assert not calls and learn.entropy_logger._valid.samples == []
     assert not set(CALIBRATION) & set(learn.recorder.metric_names)
     fit(make_learner(LabelSmoothingCrossEntropy(0.1), [EntropyLogger(calibration=True)]))
     assert calls  # the check sees the samples being kept when asked
