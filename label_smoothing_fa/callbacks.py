@@ -6,12 +6,13 @@
 from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple
-import torch, torch.distributed as dist
+import numpy as np, torch, torch.distributed as dist
 import pandas as pd, matplotlib.pyplot as plt
 from torch import Tensor
 from fastcore.basics import store_attr, patch
 from fastai.learner import Metric
 from fastai.callback.core import Callback
+from fastai.callback.tracker import TrackerCallback
 from .losses import _check_eps, _check_prior, _f32
 from .multilabel import _per_label
 from .smoothing import (smoothing_of, is_training_fit, starts_training_fit,
@@ -137,28 +138,31 @@ class _Statistic(NamedTuple):
     history: bool = False # a column of the training `history`, per batch
     linear: bool = True # its training epoch is the mean of its batches, weighted by positions
     calibration: bool = False # computed with `calibration=True` only (it keeps the samples)
+    lower_is_better: bool = False # a `TrackerCallback` monitoring it must minimise it
 
 _STATISTICS = (
-    _Statistic('smooth_ce', 'sums', _smooth_ce, shown=True, history=True),
+    _Statistic('smooth_ce', 'sums', _smooth_ce, shown=True, history=True, lower_is_better=True),
     _Statistic('target_entropy', 'sums', lambda m, eps, others: m.floor, history=True),
     _Statistic('kl', 'sums', lambda m, eps, others: _smooth_ce(m, eps, others) - m.floor,
-               shown=True, history=True),
+               shown=True, history=True, lower_is_better=True),
     _Statistic('entropy', 'sums', lambda m, eps, others: m.entropy, shown=True, history=True),
     _Statistic('confidence', 'sums', lambda m, eps, others: m.confidence, shown=True,
                history=True),
-    _Statistic('nll', 'sums', lambda m, eps, others: -m.log_p_y, history=True),
+    _Statistic('nll', 'sums', lambda m, eps, others: -m.log_p_y, history=True,
+               lower_is_better=True),
     # exp of the epoch's mean NLL, not the mean of the batches' perplexities
-    _Statistic('perplexity', 'sums', lambda m, eps, others: (-m.log_p_y).exp(), linear=False),
-    _Statistic('ece', 'bins', _ece, shown=True),
+    _Statistic('perplexity', 'sums', lambda m, eps, others: (-m.log_p_y).exp(), linear=False,
+               lower_is_better=True),
+    _Statistic('ece', 'bins', _ece, shown=True, lower_is_better=True),
     _Statistic('ace', 'samples', lambda s, n_bins: _adaptive_ece(s.conf, s.correct, n_bins),
-               shown=True, calibration=True),
+               shown=True, calibration=True, lower_is_better=True),
     _Statistic('cw_ece', 'samples',
                lambda s, n_bins: _classwise_ece(s.probs, s.labels, n_bins, s.columns),
-               shown=True, calibration=True),
+               shown=True, calibration=True, lower_is_better=True),
     _Statistic('temperature', 'samples', lambda s, n_bins: _fit_temperature(s.logits, s.labels),
                shown=True, calibration=True),
     _Statistic('aurc', 'samples', lambda s, n_bins: _aurc(s.conf, s.correct), shown=True,
-               calibration=True),
+               calibration=True, lower_is_better=True),
 )
 _BY_NAME = {s.name: s for s in _STATISTICS}
 _logged = tuple(s.name for s in _STATISTICS if s.history)  # the training history's
@@ -237,6 +241,14 @@ def _check_show(show, calibration:bool) -> tuple:
             raise ValueError(f"`show` names {n!r}, a calibration statistic: it needs `calibration=True`")
     if len(set(names)) < len(names): raise ValueError(f"`show` names a statistic twice: {names}")
     return names
+
+def _check_trackers(learn, shown:tuple):
+    "Refuse a `TrackerCallback` that would keep the worst epoch of a column better lower"
+    for cb in learn.cbs:
+        if not isinstance(cb, TrackerCallback) or cb.monitor not in shown: continue
+        if _BY_NAME[cb.monitor].lower_is_better and cb.comp is np.greater:
+            raise ValueError(f"{type(cb).__name__} monitors {cb.monitor!r}, which is better lower, "
+                             "and would keep its largest value: pass comp=np.less")
 
 class _EpochValue(Metric):
     "A `Recorder` column: the `EntropyLogger`'s value of `name` for the epoch"
@@ -322,6 +334,7 @@ class EntropyLogger(Callback):
     def before_fit(self):
         "The loss's settings, our columns into `learn.metrics`: in a training fit only"
         if not starts_training_fit(self, self._end_fit): return
+        _check_trackers(self.learn, self.show)
         read = smoothing_of(self.learn.loss_func)
         ml = read.multilabel if self.multilabel is None else self.multilabel
         self._fit = _FitState(self._fit.number, False, ml, read.axis, read.ignore_index)
