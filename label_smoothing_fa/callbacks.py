@@ -242,8 +242,13 @@ def _check_show(show, calibration:bool) -> tuple:
     if len(set(names)) < len(names): raise ValueError(f"`show` names a statistic twice: {names}")
     return names
 
-def _check_trackers(learn, shown:tuple):
-    "Refuse a `TrackerCallback` that would keep the worst epoch of a column better lower"
+def _check_columns(learn, shown:tuple):
+    "Refuse a metric of the same name as a column, a `TrackerCallback` that would keep the worst"
+    for m in learn.metrics:
+        name = getattr(m, 'name', None)
+        if name in shown and not isinstance(m, _EpochValue):
+            raise ValueError(f"`learn.metrics` has a column {name!r} already ({type(m).__name__}): "
+                             f"leave {name!r} out of the EntropyLogger's `show` or remove that metric")
     for cb in learn.cbs:
         if not isinstance(cb, TrackerCallback) or cb.monitor not in shown: continue
         if _BY_NAME[cb.monitor].lower_is_better and cb.comp is np.greater:
@@ -334,7 +339,7 @@ class EntropyLogger(Callback):
     def before_fit(self):
         "The loss's settings, our columns into `learn.metrics`: in a training fit only"
         if not starts_training_fit(self, self._end_fit): return
-        _check_trackers(self.learn, self.show)
+        _check_columns(self.learn, self.show)
         read = smoothing_of(self.learn.loss_func)
         ml = read.multilabel if self.multilabel is None else self.multilabel
         self._fit = _FitState(self._fit.number, False, ml, read.axis, read.ignore_index)
