@@ -12,7 +12,7 @@ from fastai.callback.core import Callback
 from fastai.callback.schedule import ParamScheduler
 from .losses import LabelSmoothingCrossEntropy, _check_eps, _f32
 from .smoothing import (smoothing_of, set_smoothing, save_smoothing,
-                                          starts_training_fit, _loss_chain)
+                                          starts_training_fit, TrainingFitCallback, _loss_chain)
 from .callbacks import EntropyLogger, _all_reduce, _labels, _n_real
 
 # %% auto #0
@@ -27,7 +27,7 @@ def _scheduled_eps(sched, pct:float) -> float:
     except ValueError as e:
         raise ValueError(f"the schedule gave eps={value!r} at pct_train={pct:.4g}: {e}") from None
 
-class EpsScheduler(Callback):
+class EpsScheduler(TrainingFitCallback):
     "Set the loss's smoothing at each training batch to `sched(pct_train)`; restore it after `fit`"
     order, run_valid = -6, False  # before `EntropyLogger` (-5), `MixUp`: they see the batch's eps
     _stateattrs = ('_rows', '_saved', '_loggers')
@@ -105,7 +105,7 @@ def _check_online_loss(loss_func):
                      f"label_smoothing_fa's LabelSmoothingCrossEntropy(Flat), got {name}")
 
 # %% ../nbs/04_adaptive.ipynb #df0e047c
-class OnlineLabelSmoothing(Callback):
+class OnlineLabelSmoothing(TrainingFitCallback):
     "Smooth each class toward the mean softmax of its correctly classified samples last epoch"
     run_valid = False  # only training batches count
     _stateattrs = ('_rows', '_priors', '_sums', '_counts', '_saved', '_batch_labels')

@@ -16,7 +16,7 @@ from fastai.callback.tracker import TrackerCallback
 from .losses import _check_eps, _check_prior, _f32
 from .multilabel import _per_label
 from .smoothing import (smoothing_of, is_training_fit, starts_training_fit,
-                                          _check_any_prior)
+                                          TrainingFitCallback, _check_any_prior)
 from .calibration import (_labels, _check_positions, _calibration_bins, _ece,
     _check_positive_int, _samples, _probabilities, _top_label, _adaptive_ece, _classwise_ece,
     _aurc, _fit_temperature, _plot_reliability_bins)
@@ -298,7 +298,7 @@ class _ValidLog:
     records: list = field(default_factory=list)
 
 # %% ../nbs/01_callbacks.ipynb #a1c0de04
-class EntropyLogger(Callback):
+class EntropyLogger(TrainingFitCallback):
     "Log the smoothed target's cross-entropy with predictions, its floor, entropy, confidence, ECE"
     order, remove_on_fetch = -5, True  # before `MixUp` (unmixed labels), `Recorder` (our columns)
     _stateattrs = ('_fit', '_train', '_valid', '_batch')

@@ -246,3 +246,26 @@ def test_compiled_flat_loss_keeps_activation_and_decodes():
     assert torch.equal(decoded, probs.argmax(1))
     assert learn.eps_scheduler.history['eps'].tolist() == pytest.approx([0.5 * (1 - i / 4) for i in range(4)])
     assert loss.eps == loss.func._orig_mod.eps == 0.1
+
+class FailInLrFind(Callback):
+    "An error in the middle of `lr_find`: its fit ends without `after_fit`"
+    def after_batch(self):
+        if hasattr(self.learn, 'lr_finder') and self.train_iter == 2: raise RuntimeError('in lr_find')
+
+def test_a_nested_fit_ended_by_an_exception_leaves_the_callbacks_on():
+    "fastai turns `run` back on at the nested fit's `after_fit`, which an interrupted `lr_find` never reaches"
+    loss, probe = LabelSmoothingCrossEntropy(0.1), Probe()
+    learn = make_learner(loss, [EpsScheduler(SchedLin(.5, 0)), probe, EntropyLogger(), FailInLrFind()])
+    with pytest.raises(RuntimeError, match='in lr_find'):
+        with learn.no_bar(), learn.no_logging(): learn.lr_find(num_it=6, show_plot=False)
+    learn.remove_cb(learn.fail_in_lr_find)
+    fit(learn)
+    assert [eps for _, eps, _ in probe.seen] == pytest.approx(SCHEDULE)
+    assert learn.entropy_logger.history['fit'].tolist() == [0] * 8 and loss.eps == 0.1
+    ols = OnlineLabelSmoothing(alpha=0.5)
+    learn = make_learner(LabelSmoothingCrossEntropy(0.1), [ols, FailInLrFind()])
+    with pytest.raises(RuntimeError, match='in lr_find'):
+        with learn.no_bar(), learn.no_logging(): learn.lr_find(num_it=6, show_plot=False)
+    learn.remove_cb(learn.fail_in_lr_find)
+    fit(learn)
+    assert ols.history['epoch'].tolist() == [0, 1]
