@@ -216,6 +216,18 @@ def test_train_metrics():
     for n in RECORDED[:-1]: close(got[f'train_{n}'], h[h['epoch'] == 1][n].mean())  # batches of equal size
     assert got['train_ece'] is None
 
+def test_train_metrics_nll_and_perplexity():
+    "The training epoch's perplexity is exp of its mean NLL, not the mean of the batches' perplexities"
+    learn = make_learner(LabelSmoothingCrossEntropy(0.1), [EntropyLogger(show=('nll', 'perplexity'))], n_train=300)
+    learn.recorder.train_metrics = True
+    fit(learn, 2)
+    got = dict(zip(learn.recorder.metric_names[1:-1], learn.recorder.values[-1]))
+    h = learn.entropy_logger.history
+    last = h[h['epoch'] == 1]
+    close(got['train_nll'], last['nll'].mean())  # batches of equal size (drop_last)
+    close(got['train_perplexity'], np.exp(got['train_nll']), 1e-4)
+    assert got['train_perplexity'] < np.exp(last['nll']).mean()  # Jensen: the mean of exps is larger
+
 # ---- fastai: get_preds & co leave the fit's history alone; export; bad arguments ----
 
 def test_predictions_leave_history(tmp_path):
