@@ -60,7 +60,7 @@ latest: $(LATEST)/.done
 $(LATEST)/.done: constraints-latest.txt $(WHEEL)
 	test -x $(LATEST)/bin/python || $(PYTHON) -m venv $(LATEST)
 	$(LATEST)/bin/pip uninstall $(PIP) -y label_smoothing_fa 2>/dev/null || true
-	$(LATEST)/bin/pip install $(PIP) -c constraints-latest.txt $(WHEEL) pytest hypothesis scikit-learn torchmetrics
+	$(LATEST)/bin/pip install $(PIP) -c constraints-latest.txt $(WHEEL) pytest hypothesis scikit-learn torchmetrics relplot accelerate
 	$(LATEST)/bin/pip check
 	touch $@
 

@@ -244,7 +244,7 @@ def _classwise_bins(probs:Tensor, labels:Tensor, n_bins:int, columns:Tensor|None
     else:  # a row is one label's entry: p(positive) against the label
         p, hit, group = probs[:, 1], labels == 1, columns
         if n_groups is None: n_groups = int(columns.max()) + 1 if len(columns) else 1
-    bounds = torch.linspace(0, 1, n_bins + 1, device=p.device)
+    bounds = torch.linspace(0, 1, n_bins + 1, dtype=p.dtype, device=p.device)  # as `ece`'s
     bins = _calibration_bins(p, hit.to(p.dtype), bounds, group=group, n_groups=n_groups)
     return bins.view(n_groups, n_bins + 1, 3)
 

@@ -1,6 +1,6 @@
 "Float64 references for the calibration measures, shared by the test files: numpy and scipy, independent of the library"
 import importlib.metadata, sys
-import numpy as np, scipy.optimize
+import numpy as np, scipy.optimize, torch
 
 def numpy_ace(p, y, n_bins=15):
     "Adaptive ECE in float64: stable ascending order by confidence, `np.array_split` into bins"
@@ -23,9 +23,9 @@ def scipy_temperature(log_p, y):
     log_t = scipy.optimize.minimize_scalar(nll, bounds=(-12, 12), method='bounded', options=dict(xatol=1e-10)).x
     return 0. if log_t < -11.9 else float('inf') if log_t > 11.9 else float(np.exp(log_t))
 
-def numpy_classwise_ece(p, y, n_bins):
-    "Mean over classes of the equal-width ECE of p_k against [y = k]; torchmetrics' bins: [lo, hi), 1.0 on its own"
-    edges = np.linspace(0, 1, n_bins + 1).astype(np.float32).astype(np.float64)
+def numpy_classwise_ece(p, y, n_bins, edge_dtype=torch.float32):
+    "Mean over classes of the equal-width ECE of p_k against [y = k]; torchmetrics' bins: [lo, hi), 1.0 on its own, its edges (`torch.linspace` in `edge_dtype`)"
+    edges = torch.linspace(0, 1, n_bins + 1, dtype=edge_dtype).double().numpy()
     def ece(pk, hit):
         b = np.searchsorted(edges, pk, side='right') - 1
         return sum(abs(hit[b == j].sum() - pk[b == j].sum()) for j in range(n_bins + 1)) / len(pk)
