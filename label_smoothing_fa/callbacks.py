@@ -242,13 +242,19 @@ def _check_show(show, calibration:bool) -> tuple:
     if len(set(names)) < len(names): raise ValueError(f"`show` names a statistic twice: {names}")
     return names
 
-def _check_columns(learn, shown:tuple):
-    "Refuse a metric of the same name as a column, a `TrackerCallback` that would keep the worst"
-    for m in learn.metrics:
-        name = getattr(m, 'name', None)
-        if name in shown and not isinstance(m, _EpochValue):
-            raise ValueError(f"`learn.metrics` has a column {name!r} already ({type(m).__name__}): "
-                             f"leave {name!r} out of the EntropyLogger's `show` or remove that metric")
+def _columns(learn, show:tuple|None, calibration:bool) -> tuple:
+    "The columns to add: `show`, or the default ones that no metric in `learn.metrics` has taken"
+    taken = {getattr(m, 'name', None): m for m in learn.metrics if not isinstance(m, _EpochValue)}
+    if show is None: return tuple(n for n in _check_show(None, calibration) if n not in taken)
+    for name in show:
+        if name in taken:
+            raise ValueError(f"`learn.metrics` has a column {name!r} already "
+                             f"({type(taken[name]).__name__}): leave {name!r} out of the "
+                             "EntropyLogger's `show` or remove that metric")
+    return show
+
+def _check_trackers(learn, shown:tuple):
+    "Refuse a `TrackerCallback` that would keep the worst epoch of a column better lower"
     for cb in learn.cbs:
         if not isinstance(cb, TrackerCallback) or cb.monitor not in shown: continue
         if _BY_NAME[cb.monitor].lower_is_better and cb.comp is np.greater:
@@ -309,7 +315,7 @@ class EntropyLogger(TrainingFitCallback):
         every:int=1, # log every `every`-th training batch in the history
         multilabel:bool|None=None, # independent labels (sigmoid); `None`: is the loss multi-label
         calibration:bool=False, # `ace`, `cw_ece`, `temperature`, `aurc` too: keeps valid logits
-        show:tuple|None=None, # the `Recorder` columns, by name; `None`: those shown by default
+        show:tuple|None=None, # the `Recorder` columns, by name; `None`: the default ones not taken
     ):
         super().__init__()
         n_bins, every = _check_positive_int('n_bins', n_bins), _check_positive_int('every', every)
@@ -317,7 +323,7 @@ class EntropyLogger(TrainingFitCallback):
         prior = _check_any_prior(prior, bool(multilabel))
         self.eps, self.prior = None if eps is None else _check_eps(eps), prior
         store_attr('n_bins,every,multilabel,calibration')
-        self.show = _check_show(show, calibration)
+        self.show = None if show is None else _check_show(show, calibration)
         self._told_eps = None  # `set_eps`'s
         self._init_state()
 
@@ -339,14 +345,15 @@ class EntropyLogger(TrainingFitCallback):
     def before_fit(self):
         "The loss's settings, our columns into `learn.metrics`: in a training fit only"
         if not starts_training_fit(self, self._end_fit): return
-        _check_columns(self.learn, self.show)
+        shown = _columns(self.learn, self.show, self.calibration)
+        _check_trackers(self.learn, shown)
         read = smoothing_of(self.learn.loss_func)
         ml = read.multilabel if self.multilabel is None else self.multilabel
         self._fit = _FitState(self._fit.number, False, ml, read.axis, read.ignore_index)
         self._follow_smoothing()  # the eps and prior in force
         self._batch.update(labels=(), predicted=False, pending_values=0)
         self._valid = _ValidLog(records=self._valid.records, reliability=self._valid.reliability)
-        columns = [_EpochValue(self, n) for n in self.show]
+        columns = [_EpochValue(self, n) for n in shown]
         others = [m for m in self.learn.metrics if not isinstance(m, _EpochValue)]
         self.learn.metrics = others + columns
 

@@ -269,3 +269,16 @@ def test_a_nested_fit_ended_by_an_exception_leaves_the_callbacks_on():
     learn.remove_cb(learn.fail_in_lr_find)
     fit(learn)
     assert ols.history['epoch'].tolist() == [0, 1]
+
+def test_a_default_column_taken_by_a_metric_is_left_to_it():
+    "`metrics=[ECE()]` with the default columns: one `ece` column (the metric's), equal to the logger's own; asked for by name: refused"
+    from label_smoothing_fa.calibration import ECE
+    learn = make_learner(LabelSmoothingCrossEntropy(0.1), [EntropyLogger()])
+    learn.metrics = [ECE()]
+    fit(learn, 1)
+    names = learn.recorder.metric_names[1:-1]
+    assert names == ['train_loss', 'valid_loss', 'ece', 'smooth_ce', 'kl', 'entropy', 'confidence']
+    ece = float(learn.recorder.values[-1][names.index('ece')])
+    assert ece == pytest.approx(learn.entropy_logger.valid_history['ece'].iloc[-1], abs=1e-6)
+    learn.entropy_logger.show = ('ece',)
+    with pytest.raises(ValueError, match="has a column 'ece' already"): fit(learn, 1)
