@@ -5,40 +5,18 @@
 # %% ../nbs/04_adaptive.ipynb #eead77dd
 from __future__ import annotations
 import numpy as np, pandas as pd, matplotlib.pyplot as plt
-import torch, torch.nn as nn, fastai.losses
+import torch
 from torch import Tensor
-from fastcore.basics import store_attr, patch
+from fastcore.basics import patch
 from fastai.callback.core import Callback
 from fastai.callback.schedule import ParamScheduler
 from .losses import LabelSmoothingCrossEntropy, _check_eps, _f32
-from .multilabel import LabelSmoothingBCEWithLogits
-from .callbacks import (EntropyLogger, _all_reduce, _is_multilabel, _labels,
-                                          _loss_chain, _loss_settings, _n_real)
+from .smoothing import (smoothing_of, set_smoothing, save_smoothing,
+                                          starts_training_fit, TrainingFitCallback, _loss_chain)
+from .callbacks import EntropyLogger, _all_reduce, _labels, _n_real
 
 # %% auto #0
 __all__ = ['EpsScheduler', 'OnlineLabelSmoothing']
-
-# %% ../nbs/04_adaptive.ipynb #451298f0
-_EPS_LOSSES = (LabelSmoothingCrossEntropy, LabelSmoothingBCEWithLogits,
-               fastai.losses.LabelSmoothingCrossEntropy)
-
-def _loss_slots(loss_func, attr:str) -> list:
-    "`(object, attr)` of the innermost loss and of the wrappers that hold a copy of its `attr`"
-    chain = _loss_chain(loss_func)
-    # `BaseLoss` copies the wrapped loss's attributes (`functools.update_wrapper`): those too
-    return [(o, attr) for o in chain if o is chain[-1] or attr in vars(o)]
-
-def _smoothing_slots(loss_func) -> list:
-    "`(object, attribute)` pairs holding the loss's smoothing: the loss's, and its wrappers' copies"
-    inner = _loss_chain(loss_func)[-1]
-    if isinstance(inner, _EPS_LOSSES): attr = 'eps'
-    elif isinstance(inner, nn.CrossEntropyLoss): attr = 'label_smoothing'
-    else:
-        raise ValueError(
-            f"the loss {type(inner).__name__} has no smoothing to set: use label_smoothing_fa's "
-            "LabelSmoothingCrossEntropy(Flat) or LabelSmoothingBCEWithLogits(Flat), fastai's "
-            "LabelSmoothingCrossEntropy(Flat) or CrossEntropyLossFlat, or nn.CrossEntropyLoss")
-    return _loss_slots(loss_func, attr)
 
 # %% ../nbs/04_adaptive.ipynb #5fd79f07
 def _scheduled_eps(sched, pct:float) -> float:
@@ -49,7 +27,7 @@ def _scheduled_eps(sched, pct:float) -> float:
     except ValueError as e:
         raise ValueError(f"the schedule gave eps={value!r} at pct_train={pct:.4g}: {e}") from None
 
-class EpsScheduler(Callback):
+class EpsScheduler(TrainingFitCallback):
     "Set the loss's smoothing at each training batch to `sched(pct_train)`; restore it after `fit`"
     order, run_valid = -6, False  # before `EntropyLogger` (-5), `MixUp`: they see the batch's eps
     _stateattrs = ('_rows', '_saved', '_loggers')
@@ -63,8 +41,7 @@ class EpsScheduler(Callback):
 
     def _init_state(self):
         "No history, nothing to restore: when created, reset, and unpickled"
-        # `_saved`: (object, attribute, value before the fit) of each copy of the loss's smoothing
-        self._rows, self._saved, self._fit = [], [], 0
+        self._rows, self._saved, self._fit = [], None, 0  # `_saved`: the loss's `SavedSmoothing`
         self._loggers = []  # the `EntropyLogger`s told the eps
 
     def reset(self):
@@ -72,26 +49,25 @@ class EpsScheduler(Callback):
         self._rows = []
 
     def before_fit(self):
-        "Keep the loss's smoothing to restore; nothing in `lr_find`, which trains at the loss's own"
-        self.restore()  # a fit ended by an exception ran no `after_fit`
-        if hasattr(self.learn, 'lr_finder'): return
-        self._saved = [(o, a, getattr(o, a)) for o, a in _smoothing_slots(self.learn.loss_func)]
+        "Keep the loss's smoothing to restore: in a training fit only (not `lr_find`, `get_preds`)"
+        if not starts_training_fit(self, self.restore): return
+        self._saved = save_smoothing(self.learn.loss_func, prior=False)
         self._loggers = [cb for cb in self.learn.cbs if isinstance(cb, EntropyLogger)]
         self._fit = self._rows[-1]['fit'] + 1 if self._rows else 0
 
     def before_batch(self):
         "The training batch's eps into the loss and the history"
-        if not self._saved: return
+        if self._saved is None: return
         pct = self.pct_train
         eps = _scheduled_eps(self.sched, pct)
-        for o, a, _ in self._saved: setattr(o, a, eps)
-        for logger in self._loggers: logger.set_eps(eps)
+        set_smoothing(self.learn.loss_func, eps=eps)
+        for logger in self._loggers: logger.set_eps(eps)  # PyTorch's loss reads as None at 0
         self._rows.append(dict(fit=self._fit, epoch=self.epoch, iter=len(self._rows),
                                pct_train=pct, eps=eps))
 
     def after_fit(self):
         "The loss's smoothing back; the fit's eps into the `Recorder`'s `hps`, for `plot_sched`"
-        if not self._saved: return
+        if self._saved is None: return
         self.restore()
         fit_eps = [r['eps'] for r in self._rows if r['fit'] == self._fit]
         if not fit_eps or not hasattr(self.learn, 'recorder'): return
@@ -102,10 +78,10 @@ class EpsScheduler(Callback):
         self.learn.recorder.hps = hps
 
     def restore(self):
-        "The loss's smoothing as it was before the fit: `after_fit` restores it; after Ctrl-C, call"
-        for o, a, value in self._saved: setattr(o, a, value)
+        "The loss's smoothing as before the fit (`after_fit` restores it; so does the next event)"
+        if self._saved is not None: self._saved.restore()
         for logger in self._loggers: logger.set_eps(None)  # the loss's again
-        self._saved, self._loggers = [], []
+        self._saved, self._loggers = None, []
 
     @property
     def history(self) -> pd.DataFrame:
@@ -123,13 +99,13 @@ def _check_online_loss(loss_func):
     inner = _loss_chain(loss_func)[-1]
     if isinstance(inner, LabelSmoothingCrossEntropy): return
     name = getattr(type(inner), '__name__', repr(inner))
-    if _is_multilabel(loss_func):
+    if smoothing_of(loss_func).multilabel:
         raise ValueError(f"OnlineLabelSmoothing is for multiclass losses; {name} is multi-label")
     raise ValueError("OnlineLabelSmoothing trains with a K x K prior: the loss must be "
                      f"label_smoothing_fa's LabelSmoothingCrossEntropy(Flat), got {name}")
 
 # %% ../nbs/04_adaptive.ipynb #df0e047c
-class OnlineLabelSmoothing(Callback):
+class OnlineLabelSmoothing(TrainingFitCallback):
     "Smooth each class toward the mean softmax of its correctly classified samples last epoch"
     run_valid = False  # only training batches count
     _stateattrs = ('_rows', '_priors', '_sums', '_counts', '_saved', '_batch_labels')
@@ -144,7 +120,7 @@ class OnlineLabelSmoothing(Callback):
 
     def _init_state(self):
         "No history, no statistics, nothing to restore: when created, reset, and unpickled"
-        self._rows, self._priors, self._saved, self._batch_labels = [], [], [], None
+        self._rows, self._priors, self._saved, self._batch_labels = [], [], None, None
         # this epoch's, per class: sum of the correctly classified samples' softmax (K x K), count
         self._sums = self._counts = None
 
@@ -154,17 +130,16 @@ class OnlineLabelSmoothing(Callback):
         self._init_state()
 
     def before_fit(self):
-        "Keep the loss's eps and prior to restore, and set this epoch's; nothing in `lr_find`"
-        self.restore()  # a fit ended by an exception ran no `after_fit`
-        if hasattr(self.learn, 'lr_finder'): return
+        "Keep the loss's eps and prior to restore, set this epoch's: in a training fit only"
+        if not starts_training_fit(self, self.restore): return
         loss_func = self.learn.loss_func
         _check_online_loss(loss_func)
         if any(isinstance(cb, EpsScheduler) for cb in self.learn.cbs):
             raise ValueError("OnlineLabelSmoothing sets the loss's eps (1 - alpha): "
                              "it cannot train beside an EpsScheduler")
-        _, _, self._axis, self._ignore = _loss_settings(loss_func)
-        slots = _loss_slots(loss_func, 'eps') + _loss_slots(loss_func, 'prior')
-        self._saved = [(o, a, getattr(o, a)) for o, a in slots]
+        read = smoothing_of(loss_func)
+        self._axis, self._ignore = read.axis, read.ignore_index
+        self._saved = save_smoothing(loss_func)
         self._fit = self._rows[-1]['fit'] + 1 if self._rows else 0
         self._set_loss()
 
@@ -174,7 +149,7 @@ class OnlineLabelSmoothing(Callback):
         else:
             device = next(iter(self.learn.model.parameters()), torch.empty(0)).device
             eps, prior = 1 - self.alpha, self._prior.to(device)
-        for o, a, _ in self._saved: setattr(o, a, eps if a == 'eps' else prior)
+        set_smoothing(self.learn.loss_func, eps=eps, prior=prior)
 
     def before_epoch(self): self._sums = self._counts = None  # only whole epochs count
     def before_batch(self): self._batch_labels = self.learn.yb  # before `MixUp` mixes them
@@ -182,7 +157,7 @@ class OnlineLabelSmoothing(Callback):
     def after_loss(self):
         "The batch's correctly classified samples: each softmax into its class's row"
         yb = self._batch_labels
-        if not self._saved or not yb: return
+        if self._saved is None or not yb: return
         pred, y = self.learn.pred.detach(), yb[0]
         n = _n_real(self.learn.dl, len(pred))  # not `DistributedDL`'s repeats
         if n < len(pred): pred, y = pred[:n], y[:n]
@@ -200,7 +175,7 @@ class OnlineLabelSmoothing(Callback):
 
     def after_epoch(self):
         "The epoch's sums and counts, over all processes, averaged into the next epoch's prior"
-        if not self._saved or self._sums is None: return
+        if self._saved is None or self._sums is None: return
         K = len(self._counts)
         totals = _all_reduce(torch.cat([self._sums.flatten(), self._counts])).cpu()
         sums, counts = totals[:K * K].view(K, K), totals[K * K:]
@@ -216,13 +191,14 @@ class OnlineLabelSmoothing(Callback):
 
     def after_fit(self):
         "The loss's own eps and prior back"
+        if self._saved is None: return
         self.restore()
         self._sums = self._counts = self._batch_labels = None
 
     def restore(self):
-        "The loss's eps and prior as before the fit: `after_fit` restores them; after Ctrl-C, call"
-        for o, a, value in self._saved: setattr(o, a, value)
-        self._saved = []
+        "The loss's eps and prior as before the fit (`after_fit` restores them; so does the next event)"
+        if self._saved is not None: self._saved.restore()
+        self._saved = None
 
     @property
     def prior(self) -> Tensor|None:

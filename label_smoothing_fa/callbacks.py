@@ -4,79 +4,25 @@
 
 # %% ../nbs/01_callbacks.ipynb #7a3d1978
 from __future__ import annotations
-import torch, torch.distributed as dist
+from dataclasses import dataclass, field
+from typing import Callable, NamedTuple
+import numpy as np, torch, torch.distributed as dist
 import pandas as pd, matplotlib.pyplot as plt
 from torch import Tensor
 from fastcore.basics import store_attr, patch
 from fastai.learner import Metric
 from fastai.callback.core import Callback
-import fastai.losses, torch.nn as nn
-from .losses import LabelSmoothingCrossEntropy, _check_eps, _check_prior, _f32
-from .multilabel import LabelSmoothingBCEWithLogits, _per_label
+from fastai.callback.tracker import TrackerCallback
+from .losses import _check_eps, _check_prior, _f32
+from .multilabel import _per_label
+from .smoothing import (smoothing_of, is_training_fit, starts_training_fit,
+                                          TrainingFitCallback, _check_any_prior)
 from .calibration import (_labels, _check_positions, _calibration_bins, _ece,
     _check_positive_int, _samples, _probabilities, _top_label, _adaptive_ece, _classwise_ece,
     _aurc, _fit_temperature, _plot_reliability_bins)
 
 # %% auto #0
 __all__ = ['EntropyLogger']
-
-# %% ../nbs/01_callbacks.ipynb #5821a0c7
-# BaseLoss; torch.compile: module, function
-_WRAPPER_ATTRS = ('func', '_orig_mod', '_torchdynamo_orig_callable')
-
-def _loss_chain(loss_func) -> list:
-    "`loss_func` and the losses it wraps, outermost first: `BaseLoss`, `torch.compile`'s wrappers"
-    chain = [loss_func]
-    while len(chain) < 10:
-        outer = chain[-1]
-        inner = next((getattr(outer, a) for a in _WRAPPER_ATTRS if hasattr(outer, a)), None)
-        if inner is None: break
-        chain.append(inner)
-    return chain
-
-def _smoothing_of(func) -> tuple:
-    "The `(eps, prior)` the innermost loss `func` holds now, unchecked; `None` for what it has not"
-    ls_losses = (LabelSmoothingCrossEntropy, fastai.losses.LabelSmoothingCrossEntropy)
-    if isinstance(func, ls_losses): eps = func.eps
-    else: eps = getattr(func, 'label_smoothing', 0.) or None  # torch's `nn.CrossEntropyLoss`
-    return eps, func.prior if isinstance(func, LabelSmoothingCrossEntropy) else None
-
-def _loss_settings(loss_func, eps=None, prior=None):
-    "`(eps, prior, class axis, ignore_index)`: given ones, else the loss's, else 0.1, uniform"
-    chain = _loss_chain(loss_func)
-    func = chain[-1]
-    loss_eps, loss_prior = _smoothing_of(func)
-    if eps is None: eps = 0.1 if loss_eps is None else loss_eps
-    if prior is None: prior = loss_prior
-    # the outermost's: fastai's Flat losses have one
-    axis = next((o.axis for o in chain if hasattr(o, 'axis')), 1)
-    return _check_eps(eps), _check_prior(prior), axis, getattr(func, 'ignore_index', -100)
-
-# %% ../nbs/01_callbacks.ipynb #8b356a53
-def _is_multilabel(loss_func) -> bool:
-    "Whether `loss_func` is a binary/multi-label loss: ours, `BCEWithLogitsLossFlat` or torch's"
-    innermost = _loss_chain(loss_func)[-1]
-    return isinstance(innermost, (LabelSmoothingBCEWithLogits, nn.BCEWithLogitsLoss))
-
-def _check_label_prior(prior):
-    "`None` (0.5), a float, or a tensor of per-label probabilities of being positive"
-    if prior is None: return None
-    checked = _per_label('prior', prior, torch.as_tensor(prior).float(), at_most=1.)
-    return checked if checked.ndim else float(prior)
-
-def _label_smoothing_of(func) -> tuple:
-    "The multi-label `(eps, prior)` the innermost loss `func` holds now; `None` for what it has not"
-    return (func.eps, func.prior) if isinstance(func, LabelSmoothingBCEWithLogits) else (None, None)
-
-def _multilabel_settings(loss_func, eps=None, prior=None):
-    "Multi-label `(eps, prior, label axis, ignore_index)`: given ones, else the loss's, or 0.1, 0.5"
-    func = _loss_chain(loss_func)[-1]
-    loss_eps, loss_prior = _label_smoothing_of(func)
-    if eps is None: eps = 0.1 if loss_eps is None else loss_eps
-    if prior is None: prior = loss_prior
-    ours = isinstance(func, LabelSmoothingBCEWithLogits)
-    ignore = func.ignore_index if ours else None
-    return _check_eps(eps), _check_label_prior(prior), 1, -100 if ignore is None else ignore
 
 # %% ../nbs/01_callbacks.ipynb #27edd39c
 def _target_entropy(n_classes:int, eps:float, prior=None) -> Tensor:
@@ -91,10 +37,20 @@ def _target_entropy(n_classes:int, eps:float, prior=None) -> Tensor:
     return -xlogy(a).sum(1) + xlogy(a_yy) - xlogy(a_yy + 1 - eps)
 
 # %% ../nbs/01_callbacks.ipynb #3b935389
-# the history's quantities
-_logged = ('smooth_ce', 'target_entropy', 'kl', 'entropy', 'confidence', 'nll')
-_recorded = ('smooth_ce', 'kl', 'entropy', 'confidence', 'ece')  # the Recorder's columns
-_calibration = ('ace', 'cw_ece', 'temperature', 'aurc')  # and with `calibration=True`
+class _Sums(NamedTuple):
+    "Per-position quantities summed over the kept positions (of a batch, of an epoch)"
+    log_p_y: Tensor # log p of the target class
+    log_p_u: Tensor # <u, log p>, u the prior (row y of a K x K prior)
+    entropy: Tensor # H(p)
+    confidence: Tensor # max p
+    floor: Tensor # H(q'), the smoothed target's entropy
+    count: Tensor # the kept positions
+
+    def stack(self) -> Tensor: return torch.stack(tuple(self), -1)
+    @classmethod
+    def of(cls, t:Tensor) -> '_Sums': return cls(*t.unbind(-1))
+    def means(self) -> '_Sums': return _Sums(*(s / self.count for s in self))
+
 # buffered prediction values (16 MB in float32) at which the callback computes its batches
 _FLUSH_AT = 1 << 22
 
@@ -112,7 +68,7 @@ def _batch_stats(
     items:list|None=None, # the batches' sizes on dim 0; default one batch
     binary:bool=False, # two-class rows (0, x) of labels, binned by p(positive): binary ECE
 ):
-    "Per batch, sums over the kept positions of (log p_y, <u, log p>, H(p), max p, H(q'), 1)"
+    "Per batch, the `_Sums` over its kept positions (float64); with `bounds`, and the bins"
     v, Hq = consts
     x = _f32(pred.detach().as_subclass(Tensor))
     K = x.shape[axis]
@@ -134,16 +90,16 @@ def _batch_stats(
     elif v.ndim == 1: lp_u = lp @ v
     else: lp_u = (lp * (v[yi] if Hq.ndim == 1 else v)).sum(1)
     hq = Hq.take(yi) if Hq.ndim == 1 else Hq.gather(1, yi.unsqueeze(1)).squeeze(1)
-    columns = [lp_y, lp_u, torch.special.entr(p).sum(1), conf, hq, torch.ones_like(conf)]
-    rows = torch.stack(columns, 1).masked_fill_(ign.unsqueeze(1), 0)
+    per_position = _Sums(lp_y, lp_u, torch.special.entr(p).sum(1), conf, hq, torch.ones_like(conf))
+    rows = per_position.stack().masked_fill_(ign.unsqueeze(1), 0)
     per_item = len(rows) // max(len(x), 1)
     batches = rows.split([n * per_item for n in items or [len(x)]])
-    sums = torch.stack([r.sum(0, dtype=torch.float64) for r in batches])
+    sums = _Sums.of(torch.stack([r.sum(0, dtype=torch.float64) for r in batches]))
     if bounds is None: return sums
     if binary:  # p and y of the label
         conf, correct = x.select(axis, 1).reshape(-1).sigmoid(), (y == 1).to(conf.dtype)
     else: correct = (cls == y).to(conf.dtype)
-    return sums, _calibration_bins(conf, correct, bounds, rows[:, 5])
+    return sums, _calibration_bins(conf, correct, bounds, (~ign).to(conf.dtype))
 
 def _concat(batches:list) -> list:
     "`(pred, target, batch sizes)`: runs of batches joined on dim 0 if shapes allow (usually all)"
@@ -156,14 +112,67 @@ def _concat(batches:list) -> list:
         else: groups.append(([p], [y]))
     return [(torch.cat(ps), torch.cat(ys), [len(p) for p in ps]) for ps, ys in groups]
 
-def _means(sums:Tensor, eps:float, others:int=0) -> Tensor:
-    "Means of `_logged` from `_batch_stats`'s sums (last axis); `others`: K, for the prior 'others'"
-    lpy, lu, ent, conf, hq, n = sums.unbind(-1)
-    # H(u, p); 'others': u = (K uniform - one-hot) / (K-1)
-    hu = -lu if not others else (lpy - others * lu) / (others - 1)
+# %% ../nbs/01_callbacks.ipynb #a1c0de01
+def _smooth_ce(m:_Sums, eps:Tensor, others:Tensor) -> Tensor:
+    "H(q', p) = (1-eps) H(q, p) + eps H(u, p) from the means `m`; `others`: K for the prior 'others'"
+    # 'others': u = (K uniform - one-hot) / (K-1)
+    hu = torch.where(others > 0, (m.log_p_y - others * m.log_p_u) / (others - 1), -m.log_p_u)
     # no 0 * inf where p has zeros
-    sce = (-(1 - eps) * lpy if eps < 1 else 0.) + (eps * hu if eps > 0 else 0.)
-    return torch.stack([sce, hq, sce - hq, ent, conf, -lpy], -1) / n.unsqueeze(-1)
+    return torch.where(eps < 1, -(1 - eps) * m.log_p_y, 0.) + torch.where(eps > 0, eps * hu, 0.)
+
+class _Samples(NamedTuple):
+    "The kept validation positions of all processes, for the calibration statistics"
+    logits: Tensor # (M, K) rows; multi-label: (0, x) per (item, label) entry
+    labels: Tensor # (M,) class indices; multi-label: 0/1
+    columns: Tensor|None # multi-label: each entry's label index
+    probs: Tensor # as `get_preds` gives them
+    conf: Tensor # max p (float64)
+    correct: Tensor # the top class is the label (float64)
+
+class _Statistic(NamedTuple):
+    "One quantity the logger records: how it is computed, averaged and gathered; whether shown"
+    name: str
+    of: str # 'sums' (`_Sums` means; summed over processes), 'bins' (summed), 'samples' (gathered)
+    value: Callable # of (means, eps, others); of the confidence bins; of (`_Samples`, n_bins)
+    shown: bool = False # a `Recorder` column unless `show` says otherwise
+    history: bool = False # a column of the training `history`, per batch
+    linear: bool = True # its training epoch is the mean of its batches, weighted by positions
+    calibration: bool = False # computed with `calibration=True` only (it keeps the samples)
+    lower_is_better: bool = False # a `TrackerCallback` monitoring it must minimise it
+
+_STATISTICS = (
+    _Statistic('smooth_ce', 'sums', _smooth_ce, shown=True, history=True, lower_is_better=True),
+    _Statistic('target_entropy', 'sums', lambda m, eps, others: m.floor, history=True),
+    _Statistic('kl', 'sums', lambda m, eps, others: _smooth_ce(m, eps, others) - m.floor,
+               shown=True, history=True, lower_is_better=True),
+    _Statistic('entropy', 'sums', lambda m, eps, others: m.entropy, shown=True, history=True),
+    _Statistic('confidence', 'sums', lambda m, eps, others: m.confidence, shown=True,
+               history=True),
+    _Statistic('nll', 'sums', lambda m, eps, others: -m.log_p_y, history=True,
+               lower_is_better=True),
+    # exp of the epoch's mean NLL, not the mean of the batches' perplexities
+    _Statistic('perplexity', 'sums', lambda m, eps, others: (-m.log_p_y).exp(), linear=False,
+               lower_is_better=True),
+    _Statistic('ece', 'bins', _ece, shown=True, lower_is_better=True),
+    _Statistic('ace', 'samples', lambda s, n_bins: _adaptive_ece(s.conf, s.correct, n_bins),
+               shown=True, calibration=True, lower_is_better=True),
+    _Statistic('cw_ece', 'samples',
+               lambda s, n_bins: _classwise_ece(s.probs, s.labels, n_bins, s.columns),
+               shown=True, calibration=True, lower_is_better=True),
+    _Statistic('temperature', 'samples', lambda s, n_bins: _fit_temperature(s.logits, s.labels),
+               shown=True, calibration=True),
+    _Statistic('aurc', 'samples', lambda s, n_bins: _aurc(s.conf, s.correct), shown=True,
+               calibration=True, lower_is_better=True),
+)
+_BY_NAME = {s.name: s for s in _STATISTICS}
+_logged = tuple(s.name for s in _STATISTICS if s.history)  # the training history's
+
+def _values(sums:_Sums, eps, others=0, names=None) -> dict:
+    "The 'sums' statistics (`names`, default all) from `_Sums` (one per batch, or one): name: tensor"
+    m = sums.means()
+    eps, others = (torch.as_tensor(a, dtype=torch.float64) for a in (eps, others))
+    return {s.name: s.value(m, eps, others) for s in _STATISTICS
+            if s.of == 'sums' and (names is None or s.name in names)}
 
 # %% ../nbs/01_callbacks.ipynb #8122f8f8
 def _binary_view(pred:Tensor, y:Tensor, eps:float, prior=None, ignore_index:int=-100):
@@ -220,6 +229,38 @@ def _same(a:tuple|None, b:tuple|None) -> bool:
     if isinstance(a[0], Tensor) or isinstance(b[0], Tensor): return a[0] is b[0] and a[1] == b[1]
     return a == b
 
+def _check_show(show, calibration:bool) -> tuple:
+    "The `Recorder` columns: the statistics named in `show`, or those shown by default"
+    if show is None:
+        return tuple(s.name for s in _STATISTICS if s.shown and (calibration or not s.calibration))
+    names = (show,) if isinstance(show, str) else tuple(show)
+    for n in names:
+        if n not in _BY_NAME:
+            raise ValueError(f"`show` names {n!r}, which is not a statistic: {', '.join(_BY_NAME)}")
+        if _BY_NAME[n].calibration and not calibration:
+            raise ValueError(f"`show` names {n!r}, a calibration statistic: it needs `calibration=True`")
+    if len(set(names)) < len(names): raise ValueError(f"`show` names a statistic twice: {names}")
+    return names
+
+def _columns(learn, show:tuple|None, calibration:bool) -> tuple:
+    "The columns to add: `show`, or the default ones that no metric in `learn.metrics` has taken"
+    taken = {getattr(m, 'name', None): m for m in learn.metrics if not isinstance(m, _EpochValue)}
+    if show is None: return tuple(n for n in _check_show(None, calibration) if n not in taken)
+    for name in show:
+        if name in taken:
+            raise ValueError(f"`learn.metrics` has a column {name!r} already "
+                             f"({type(taken[name]).__name__}): leave {name!r} out of the "
+                             "EntropyLogger's `show` or remove that metric")
+    return show
+
+def _check_trackers(learn, shown:tuple):
+    "Refuse a `TrackerCallback` that would keep the worst epoch of a column better lower"
+    for cb in learn.cbs:
+        if not isinstance(cb, TrackerCallback) or cb.monitor not in shown: continue
+        if _BY_NAME[cb.monitor].lower_is_better and cb.comp is np.greater:
+            raise ValueError(f"{type(cb).__name__} monitors {cb.monitor!r}, which is better lower, "
+                             "and would keep its largest value: pass comp=np.less")
+
 class _EpochValue(Metric):
     "A `Recorder` column: the `EntropyLogger`'s value of `name` for the epoch"
     def __init__(self, logger, name): self.logger, self._name = logger, name
@@ -228,13 +269,45 @@ class _EpochValue(Metric):
     @property
     def value(self): return self.logger._epoch_value(self._name)
 
-class EntropyLogger(Callback):
+@dataclass
+class _FitState:
+    "The fit being logged: its number, the loss's smoothing as last read, the constants for it"
+    number: int = -1 # the history's `fit`: counted at a fit's first batch
+    counted: bool = True # the fit has its number
+    multilabel: bool = False
+    axis: int = 1
+    ignore_index: int = -100
+    eps: float = 0.1 # the eps and prior in force
+    prior: object = None
+    read: tuple = (None, None) # (eps, prior) as `_setting`s: they tell when they change
+    consts: tuple|None = None # (K, device, `_stat_consts`, bounds) for them
+
+@dataclass
+class _TrainLog:
+    "Logged training batches: (fit, iter, epoch), their eps, `others`, `_Sums`; those pending"
+    ids: list = field(default_factory=list)
+    eps: list = field(default_factory=list)
+    others: list = field(default_factory=list)
+    sums: list = field(default_factory=list) # one stacked `_Sums` tensor per computed group
+    pending: list = field(default_factory=list) # (prediction, labels) not computed yet
+
+@dataclass
+class _ValidLog:
+    "This validation's sums, bins, samples and values; the last bins; one record per epoch"
+    running: bool = False # a validation of a training fit is running
+    pending: list = field(default_factory=list)
+    sums: Tensor|None = None
+    bins: Tensor|None = None
+    samples: list = field(default_factory=list) # `calibration`: (rows, labels, label index)
+    values: dict = field(default_factory=dict) # the last validation's, for the `Recorder`
+    reliability: Tensor|None = None # the last validation's bins, over all processes
+    records: list = field(default_factory=list)
+
+# %% ../nbs/01_callbacks.ipynb #a1c0de04
+class EntropyLogger(TrainingFitCallback):
     "Log the smoothed target's cross-entropy with predictions, its floor, entropy, confidence, ECE"
     order, remove_on_fetch = -5, True  # before `MixUp` (unmixed labels), `Recorder` (our columns)
-    _stateattrs = ('_train_sums', '_train_means', '_train_ids', '_valid_records',
-                   '_reliability_bins', '_valid_sums', '_valid_bins', '_batch_state', '_constants',
-                   '_valid_values', '_train_pending', '_valid_pending', '_fit_number',
-                   '_valid_samples', '_train_eps')
+    _stateattrs = ('_fit', '_train', '_valid', '_batch')
     def __init__(self,
         eps:float|None=None, # smoothing of q'; `None`: the loss's at each batch, or 0.1
         prior:str|Tensor|None=None, # `None`: the loss's, or uniform; 'others'; K or K x K probs
@@ -242,75 +315,51 @@ class EntropyLogger(Callback):
         every:int=1, # log every `every`-th training batch in the history
         multilabel:bool|None=None, # independent labels (sigmoid); `None`: is the loss multi-label
         calibration:bool=False, # `ace`, `cw_ece`, `temperature`, `aurc` too: keeps valid logits
+        show:tuple|None=None, # the `Recorder` columns, by name; `None`: the default ones not taken
     ):
         super().__init__()
         n_bins, every = _check_positive_int('n_bins', n_bins), _check_positive_int('every', every)
         # per-label: `multilabel=True`
-        prior = _check_label_prior(prior) if multilabel else _check_prior(prior)
+        prior = _check_any_prior(prior, bool(multilabel))
         self.eps, self.prior = None if eps is None else _check_eps(eps), prior
         store_attr('n_bins,every,multilabel,calibration')
+        self.show = None if show is None else _check_show(show, calibration)
         self._told_eps = None  # `set_eps`'s
         self._init_state()
 
     def _init_state(self):
         "Empty history and buffers: when created, reset, and unpickled (they are not pickled)"
-        # the history: per logged training batch its sums, means and (fit, iter, epoch);
-        # per validation epoch a dict of its values
-        self._train_sums, self._train_means, self._train_ids, self._valid_records = [], [], [], []
-        self._train_eps = []  # each logged training batch's eps
-        # the last validation's bins over all processes; this epoch's sums and bins in this one
-        self._reliability_bins, self._valid_sums, self._valid_bins = None, None, None
-        # (K, device, consts, bounds) as `_consts` computed them; the Recorder's validation values
-        self._constants, self._valid_values, self._fit_number = None, {}, -1
-        self._validating, self._new_fit = False, False
-        self._mean_args = (0.1, 0)
-        self._multilabel = False
-        # the eps and prior in force, as read (`_setting`): they tell when they change
-        self._eps_setting = self._prior_setting = None
+        self._fit, self._train, self._valid = _FitState(), _TrainLog(), _ValidLog()
         # the batch's labels, has it a prediction, the training batches of all fits, values pending
-        self._batch_state = dict(labels=(), predicted=False, train_iter=0, pending_values=0)
-        # (prediction, labels) of batches not computed yet: training, validation
-        self._train_pending, self._valid_pending = [], []
-        # `calibration`: (logit rows, labels, label index or None) of the kept validation positions
-        self._valid_samples = []
+        self._batch = dict(labels=(), predicted=False, train_iter=0, pending_values=0)
 
     def reset(self):
         "Forget the history of all fits so far"
         self._init_state()
 
-    def _predicting(self) -> bool:
-        "In `get_preds`/`validate`/`predict`/`Interpretation`: `learn.lock` held, or `gather_preds`"
-        lock = getattr(self.learn, 'lock', None)
-        return hasattr(self.learn, 'gather_preds') or (lock is not None and lock.locked())
+    @property
+    def statistics(self) -> tuple:
+        "The names of the statistics this logger computes (`valid_history`'s columns)"
+        return tuple(s.name for s in _STATISTICS if self.calibration or not s.calibration)
 
     def before_fit(self):
-        "Loss settings; our columns into `learn.metrics`; off in `get_preds`, `validate`, `lr_find`"
-        self.run = not (hasattr(self.learn, 'lr_finder') or self._predicting())
-        self._valid_values = {}  # our columns are `None` until computed on the data being validated
-        if not self.run: return
-        self._flush()  # an interrupted fit's last batches, with its settings
-        ml = self.multilabel
-        self._multilabel = _is_multilabel(self.learn.loss_func) if ml is None else ml
-        settings = _multilabel_settings if self._multilabel else _loss_settings
-        loss_func = self.learn.loss_func
-        self._axis, self._ignore = settings(loss_func, self.eps, self.prior)[2:]
-        self._eps_setting = self._prior_setting = None
+        "The loss's settings, our columns into `learn.metrics`: in a training fit only"
+        if not starts_training_fit(self, self._end_fit): return
+        shown = _columns(self.learn, self.show, self.calibration)
+        _check_trackers(self.learn, shown)
+        read = smoothing_of(self.learn.loss_func)
+        ml = read.multilabel if self.multilabel is None else self.multilabel
+        self._fit = _FitState(self._fit.number, False, ml, read.axis, read.ignore_index)
         self._follow_smoothing()  # the eps and prior in force
-        self._constants, self._new_fit = None, True
-        self._batch_state.update(labels=(), predicted=False, pending_values=0)
-        self._train_pending.clear(); self._valid_pending.clear(); self._valid_samples.clear()
-        columns = [_EpochValue(self, n) for n in self._columns]
+        self._batch.update(labels=(), predicted=False, pending_values=0)
+        self._valid = _ValidLog(records=self._valid.records, reliability=self._valid.reliability)
+        columns = [_EpochValue(self, n) for n in shown]
         others = [m for m in self.learn.metrics if not isinstance(m, _EpochValue)]
         self.learn.metrics = others + columns
 
-    @property
-    def _columns(self) -> tuple:
-        "The Recorder's columns"
-        return _recorded + (_calibration if self.calibration else ())
-
-    def _start(self):
+    def _count_fit(self):
         "At a fit's first batch, number it: the history keeps every fit's (`fine_tune`'s two, say)"
-        if self._new_fit: self._fit_number, self._new_fit = self._fit_number + 1, False
+        if not self._fit.counted: self._fit.number, self._fit.counted = self._fit.number + 1, True
 
     def set_eps(self,
         eps:float|None, # the eps in force from now on; `None`: the loss's again
@@ -320,175 +369,193 @@ class EntropyLogger(Callback):
 
     def _follow_smoothing(self):
         "The eps and prior in force now; the batches pending are computed with theirs first"
-        func = _loss_chain(self.learn.loss_func)[-1]
-        loss_eps, loss_prior = (_label_smoothing_of if self._multilabel else _smoothing_of)(func)
-        eps = next((e for e in (self.eps, self._told_eps, loss_eps) if e is not None), 0.1)
-        prior = loss_prior if self.prior is None else self.prior
-        eps_now, prior_now = _setting(eps), _setting(prior)
-        new_eps = not _same(eps_now, self._eps_setting)
-        new_prior = not _same(prior_now, self._prior_setting)
+        read, fit = smoothing_of(self.learn.loss_func), self._fit
+        eps = next((e for e in (self.eps, self._told_eps, read.eps) if e is not None), 0.1)
+        prior = read.prior if self.prior is None else self.prior
+        now = (_setting(eps), _setting(prior))
+        new_eps, new_prior = (not _same(a, b) for a, b in zip(now, fit.read))
         if not (new_eps or new_prior): return
         self._flush()
-        check_prior = _check_label_prior if self._multilabel else _check_prior
-        if new_eps: self._eps = _check_eps(eps)
+        if new_eps: fit.eps = _check_eps(eps)
         if new_prior:  # a copy: the batches pending keep theirs when the loss's changes in place
-            self._prior = check_prior(prior.clone() if isinstance(prior, Tensor) else prior)
-        self._eps_setting, self._prior_setting, self._constants = eps_now, prior_now, None
+            copied = prior.clone() if isinstance(prior, Tensor) else prior
+            fit.prior = _check_any_prior(copied, fit.multilabel)
+        fit.read, fit.consts = now, None
 
     def after_loss(self):
         "A training batch's loss is computed: the eps and prior it used are in force"
         if self.training: self._follow_smoothing()
 
-    def before_train(self): self._start()
+    def before_train(self): self._count_fit()
     def after_train(self): self._flush()
 
     def before_validate(self):
         "Empty the epoch's sums (not for a `get_preds` called inside `fit`)"
-        self._valid_values, self._validating = {}, not self._predicting()
-        if not self._validating: return
-        self._start()
-        self._valid_sums = self._valid_bins = None
-        self._valid_pending.clear(); self._valid_samples.clear()
+        self._valid.values, self._valid.running = {}, is_training_fit(self.learn)
+        if not self._valid.running: return
+        self._count_fit()
+        v = self._valid
+        v.sums = v.bins = None
+        v.pending.clear(); v.samples.clear()
 
-    # per batch, state goes in the dict `_batch_state`:
-    # setting a `Callback`'s attribute looks it up in the `Learner`
     def before_batch(self):
-        self._batch_state['labels'] = self.learn.yb  # the labels, before MixUp/CutMix
+        self._batch['labels'] = self.learn.yb  # the labels, before MixUp/CutMix
     def after_pred(self):
-        self._batch_state['predicted'] = True  # has a prediction (a cancelled batch has none)
+        self._batch['predicted'] = True  # has a prediction (a cancelled batch has none)
 
     def _consts(self, pred:Tensor) -> tuple:
-        "The constants for `pred`'s classes and device, computed once per eps and prior"
+        "`(constants, bounds)` for `pred`'s classes and device, computed once per eps and prior"
+        fit = self._fit
         # multi-label: per batch, in `_binary_view`
-        K = 2 if self._multilabel else pred.shape[self._axis]
-        if self._constants is None or self._constants[:2] != (K, pred.device):
-            prior = None if self._multilabel else self._prior
-            consts = _stat_consts(K, self._eps, prior, pred.device)
+        K = 2 if fit.multilabel else pred.shape[fit.axis]
+        if fit.consts is None or fit.consts[:2] != (K, pred.device):
+            prior = None if fit.multilabel else fit.prior
+            consts = _stat_consts(K, fit.eps, prior, pred.device)
             bounds = torch.linspace(0, 1, self.n_bins + 1, device=pred.device)
-            self._constants = (K, pred.device, consts, bounds)
-            self._mean_args = (self._eps, K if self._prior == 'others' else 0)
-        return self._constants[2:]
+            fit.consts = (K, pred.device, consts, bounds)
+        return fit.consts[2:]
+
+    def _others(self, pred:Tensor) -> int:
+        "K for the prior 'others' (its H(u, p) needs it), else 0"
+        return pred.shape[self._fit.axis] if self._fit.prior == 'others' else 0
 
     def after_batch(self):
         "Keep the prediction (a copy), labels till the phase ends or they fill `_FLUSH_AT` values"
-        state, learn = self._batch_state, self.learn
+        state, learn = self._batch, self.learn
         predicted, state['predicted'] = state['predicted'], False
         # `train_iter` counts every training batch, of all fits
         if learn.training: i = state['train_iter']; state['train_iter'] = i + 1
-        wanted = i % self.every == 0 if learn.training else self._validating
+        wanted = i % self.every == 0 if learn.training else self._valid.running
         if not (predicted and wanted and len(state['labels'])): return
         pred, y = learn.pred, state['labels'][0]
         if learn.training:
-            self._train_pending.append((pred.detach().clone(), y))
-            self._train_ids.append((self._fit_number, i, learn.epoch))
-            self._train_eps.append(self._eps)
+            self._train.pending.append((pred.detach().clone(), y))
+            self._train.ids.append((self._fit.number, i, learn.epoch))
+            self._train.eps.append(self._fit.eps)
+            self._train.others.append(self._others(pred))
         else:
             n = _n_real(learn.dl, len(pred))
             p_real, y_real = (pred[:n], y[:n]) if n < len(pred) else (pred, y)
-            self._valid_pending.append((p_real.detach().clone(), y_real))
+            self._valid.pending.append((p_real.detach().clone(), y_real))
         state['pending_values'] += pred.numel()
         if state['pending_values'] >= _FLUSH_AT: self._flush(); self._flush(valid=True)
 
     def _flush(self, valid:bool=False):
         "Compute the buffered batches together: training into the history, validation into sums"
-        pending = self._valid_pending if valid else self._train_pending
-        if not pending: return
-        consts, bounds = self._consts(pending[0][0])
-        axis, ml, ign = self._axis, self._multilabel, self._ignore
-        for pred, y, items in _concat(pending):
+        log = self._valid if valid else self._train
+        if not log.pending: return
+        fit = self._fit
+        consts, bounds = self._consts(log.pending[0][0])
+        axis, ml, ign = fit.axis, fit.multilabel, fit.ignore_index
+        for pred, y, items in _concat(log.pending):
             if valid and self.calibration:
-                self._valid_samples.append(_samples(pred, y, axis, ign, ml, logits=True))
-            if ml: pred, y, consts = _binary_view(pred, y, self._eps, self._prior, ign); axis = -1
+                self._valid.samples.append(_samples(pred, y, axis, ign, ml, logits=True))
+            if ml: pred, y, consts = _binary_view(pred, y, fit.eps, fit.prior, ign); axis = -1
             if not valid:
                 sums = _batch_stats(pred, y, consts, axis, ign, items=items, binary=ml)
-                self._train_sums.append(sums)
-                self._train_means.append(_means(sums, *self._mean_args))
+                self._train.sums.append(sums.stack())
                 continue
             sums, bins = _batch_stats(pred, y, consts, axis, ign, bounds, items, binary=ml)
-            if self._valid_sums is None: self._valid_sums, self._valid_bins = sums.sum(0), bins
-            else: self._valid_sums.add_(sums.sum(0)); self._valid_bins.add_(bins)
-        pending.clear(); self._batch_state['pending_values'] = 0
+            v = self._valid
+            sums = sums.stack().sum(0)
+            if v.sums is None: v.sums, v.bins = sums, bins
+            else: v.sums.add_(sums); v.bins.add_(bins)
+        log.pending.clear(); self._batch['pending_values'] = 0
 
     def after_validate(self):
         "The epoch's values from the totals over all batches and processes"
-        if not self._validating: return
+        v, fit = self._valid, self._fit
+        if not v.running: return
         self._flush(valid=True)
         dev = next(iter(self.learn.model.parameters()), torch.empty(0)).device
-        if self._valid_sums is None:
-            self._valid_sums = torch.zeros(6, dtype=torch.float64, device=dev)
-            self._valid_bins = torch.zeros(self.n_bins + 1, 3, dtype=torch.float64, device=dev)
-        tot = _all_reduce(torch.cat([self._valid_sums, self._valid_bins.flatten()])).cpu()
-        self._reliability_bins = tot[6:].view(-1, 3)
+        n_sums = len(_Sums._fields)
+        if v.sums is None:
+            v.sums = torch.zeros(n_sums, dtype=torch.float64, device=dev)
+            v.bins = torch.zeros(self.n_bins + 1, 3, dtype=torch.float64, device=dev)
+        tot = _all_reduce(torch.cat([v.sums, v.bins.flatten()])).cpu()
+        sums, v.reliability = _Sums.of(tot[:n_sums]), tot[n_sums:].view(-1, 3)
+        K = fit.consts[0] if fit.consts else 0
+        others = K if fit.prior == 'others' and not fit.multilabel else 0
         # no samples: `None`, as fastai's metrics
-        means = _means(tot[:6], *self._mean_args).tolist() if tot[5] > 0 else [None] * 6
-        self._valid_values = dict(zip(_logged, means), ece=_ece(self._reliability_bins))
-        if self.calibration: self._valid_values.update(self._calibration_values(dev))
-        train_iter = self._batch_state['train_iter']
-        at = dict(fit=self._fit_number, epoch=self.learn.epoch, iter=train_iter)
-        self._valid_records.append(dict(at, **self._valid_values))
+        values = ({n: t.item() for n, t in _values(sums, fit.eps, others).items()} if sums.count > 0
+                  else {s.name: None for s in _STATISTICS if s.of == 'sums'})
+        values['ece'] = _ece(v.reliability)
+        if self.calibration: values.update(self._calibration_values(dev))
+        v.values = values
+        at = dict(fit=fit.number, epoch=self.learn.epoch, iter=self._batch['train_iter'])
+        v.records.append(dict(at, **values))
 
     def _calibration_values(self, device) -> dict:
-        "`ace`, `cw_ece`, `temperature`, `aurc` of the kept validation positions of all processes"
-        samples, self._valid_samples = self._valid_samples, []
+        "The 'samples' statistics of the kept validation positions of all processes"
+        samples, self._valid.samples = self._valid.samples, []
+        ml = self._fit.multilabel
         if samples:
             joined = (None if t[0] is None else torch.cat(t) for t in zip(*samples))
             logits, labels, columns = joined
         else:  # every process gathers the same tensors
             logits = torch.zeros(0, 0, device=device)
             labels = torch.zeros(0, dtype=torch.long, device=device)
-            columns = labels if self._multilabel else None
+            columns = labels if ml else None
         logits, labels = _all_gather(logits), _all_gather(labels)
         if columns is not None: columns = _all_gather(columns)
-        if not len(labels): return dict.fromkeys(_calibration)
-        probs = _probabilities(logits, self._multilabel)
-        conf, correct = _top_label(probs, labels)
-        return dict(ace=_adaptive_ece(conf, correct, self.n_bins),
-                    cw_ece=_classwise_ece(probs, labels, self.n_bins, columns),
-                    temperature=_fit_temperature(logits, labels), aurc=_aurc(conf, correct))
+        stats = [s for s in _STATISTICS if s.of == 'samples']
+        if not len(labels): return {s.name: None for s in stats}
+        probs = _probabilities(logits, ml)
+        s = _Samples(logits, labels, columns, probs, *_top_label(probs, labels))
+        return {st.name: st.value(s, self.n_bins) for st in stats}
 
-    def after_fit(self):
-        "Rest of the history (a cancelled fit skips `after_train`); our columns out of `metrics`"
-        self._flush(); self._valid_pending.clear(); self._valid_samples.clear()
-        self.learn.metrics = [m for m in self.learn.metrics if not isinstance(m, _EpochValue)]
+    def _end_fit(self):
+        "Rest of the history (a fit cut short skips `after_train`); our columns out of `metrics`"
+        self._flush(); self._valid.pending.clear(); self._valid.samples.clear()
+        if self.learn.metrics is not None:
+            self.learn.metrics = [m for m in self.learn.metrics if not isinstance(m, _EpochValue)]
+
+    def after_fit(self): self._end_fit()
 
     def _epoch_value(self, name:str) -> float|None:
         "The epoch's `name` for the `Recorder`: validation, or training (`train_metrics=True`)"
-        if not self.training: return self._valid_values.get(name)
-        if name in ('ece', *_calibration) or not self._train_sums: return None
-        now = (self._fit_number, self.learn.epoch)
-        this_epoch = torch.tensor([(f, e) == now for f, _, e in self._train_ids])
-        counts = torch.cat(self._train_sums).cpu()[this_epoch, 5]
-        if not len(counts): return None
-        # each batch's means with its own eps and prior, weighted by its positions
-        means = torch.cat(self._train_means).cpu()[this_epoch, _logged.index(name)]
-        has = counts > 0
-        return ((means[has] * counts[has]).sum() / counts.sum()).item()
+        if not self.run: return None  # a fit nested in ours: its data is not ours
+        if not self.training: return self._valid.values.get(name)
+        stat = _BY_NAME[name]
+        if stat.of != 'sums' or not self._train.sums: return None
+        now = (self._fit.number, self.learn.epoch)
+        this_epoch = torch.tensor([(f, e) == now for f, _, e in self._train.ids])
+        sums = torch.cat(self._train.sums).cpu()[this_epoch]
+        if not len(sums) or not sums[:, -1].sum(): return None
+        batches = _Sums.of(sums)
+        if not stat.linear:  # the statistic of the epoch's means
+            return _values(_Sums.of(sums.sum(0)), 0., 0, (name,))[name].item()
+        eps = torch.tensor(self._train.eps)[this_epoch]
+        others = torch.tensor(self._train.others)[this_epoch]
+        has = batches.count > 0
+        # each batch's value with its own eps and prior, weighted by its positions
+        per_batch = _values(_Sums.of(sums[has]), eps[has], others[has], (name,))[name]
+        return ((per_batch * batches.count[has]).sum() / batches.count.sum()).item()
 
     @property
     def history(self) -> pd.DataFrame:
-        "The logged training batches of all fits: `fit`, `iter`, `epoch`, batch means of `_logged`"
+        "The logged training batches of all fits: `fit`, `iter`, `epoch`, the history statistics"
         self._flush()  # batches not computed yet (when read during an epoch)
-        empty = torch.zeros(0, 6, dtype=torch.float64)
-        means = torch.cat(self._train_means).cpu() if self._train_means else empty
-        names = ['fit', 'iter', 'epoch']
-        ids = self._train_ids
-        at = dict(zip(names, zip(*ids))) if ids else dict(fit=[], iter=[], epoch=[])
-        return pd.DataFrame(dict(at, **dict(zip(_logged, means.T.numpy())))).astype(
-            {'fit': int, 'iter': int, 'epoch': int})
+        t = self._train
+        sums = torch.cat(t.sums).cpu() if t.sums else torch.zeros(0, len(_Sums._fields))
+        values = _values(_Sums.of(sums.double()), torch.tensor(t.eps, dtype=torch.float64),
+                         torch.tensor(t.others, dtype=torch.float64), _logged)
+        at = dict(zip(['fit', 'iter', 'epoch'], zip(*t.ids))) if t.ids else dict(fit=[], iter=[],
+                                                                                  epoch=[])
+        columns = {n: values[n].numpy() for n in _logged}
+        return pd.DataFrame(dict(at, **columns)).astype({'fit': int, 'iter': int, 'epoch': int})
 
     @property
     def valid_history(self) -> pd.DataFrame:
-        "The validation epochs of every fit: the means over all samples of `_logged`, the ECE, ..."
-        calibration = _calibration if self.calibration else ()
-        columns = ['fit', 'epoch', 'iter', *_logged, 'ece', *calibration]
-        return pd.DataFrame(self._valid_records, columns=columns)
+        "The validation epochs of every fit: `fit`, `epoch`, `iter`, and each statistic's value"
+        return pd.DataFrame(self._valid.records, columns=['fit', 'epoch', 'iter', *self.statistics])
 
     @property
     def reliability(self) -> pd.DataFrame:
         "Last validation's confidence bins: bounds, count, mean confidence, accuracy (last: 1.0)"
         lo = torch.linspace(0, 1, self.n_bins + 1)
         empty = torch.zeros(self.n_bins + 1, 3, dtype=torch.float64)
-        b = self._reliability_bins if self._reliability_bins is not None else empty
+        b = self._valid.reliability if self._valid.reliability is not None else empty
         hi = torch.cat([lo[1:], lo[-1:]])
         return pd.DataFrame(dict(lo=lo.numpy(), hi=hi.numpy(), count=b[:, 0].long().numpy(),
                                  confidence=(b[:, 1] / b[:, 0]).numpy(),
@@ -512,10 +579,14 @@ def plot(self:EntropyLogger,
         ax.plot(h['iter'], sm[col], color=c, label=label)
         if len(v): ax.plot(v['iter'], v[col], 'o', color=c, ms=4)
     ax.plot(h['iter'], sm['target_entropy'], '--', color='k', lw=1, label="$H(q')$ floor")
-    lo, hi = min(self._train_eps), max(self._train_eps)
-    eps = f"{lo:g}" if lo == hi else f"{lo:g} to {hi:g}"
+    if len(v): ax.plot([], [], 'o', color='grey', ms=4, label='validation, end of epoch')
+    starts = h.groupby('fit')['iter'].min().iloc[1:]  # `fine_tune`'s second fit, say
+    for i, start in enumerate(starts):
+        ax.axvline(start - 0.5, color='grey', ls=':', lw=1, label='next fit' if i == 0 else None)
+    lo, hi = min(self._train.eps), max(self._train.eps)
+    eps = f"{lo:.3g}" if lo == hi else f"{lo:.3g} to {hi:.3g}"
     title = f"entropy against the smoothed target ($\\varepsilon$={eps})"
-    ax.set(xlabel='training batch', ylabel='nats', title=title)
+    ax.set(xlabel='training batch (all fits)', ylabel='nats', title=title)
     ax.legend(fontsize='small')
     return ax.figure
 
@@ -525,7 +596,8 @@ def plot_reliability(self:EntropyLogger,
     ax=None, # matplotlib axes to draw on; a new figure when `None`
 ):
     "Reliability diagram of the last validation epoch, with its ECE; returns the figure"
-    if self._reliability_bins is None or not self._reliability_bins[:, 0].sum():
+    bins = self._valid.reliability
+    if bins is None or not bins[:, 0].sum():
         raise ValueError("no validation epoch to plot: "
                          "fit the `Learner` with the `EntropyLogger` first")
-    return _plot_reliability_bins(self._reliability_bins, ax, self._multilabel)
+    return _plot_reliability_bins(bins, ax, self._fit.multilabel)

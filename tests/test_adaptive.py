@@ -14,7 +14,7 @@ from fastai.learner import Learner, load_learner
 
 from fakes import PaddedShard
 from label_smoothing_fa.adaptive import EpsScheduler
-from label_smoothing_fa.callbacks import _loss_chain
+from label_smoothing_fa.smoothing import _loss_chain
 from label_smoothing_fa.losses import LabelSmoothingCrossEntropy, LabelSmoothingCrossEntropyFlat, smooth_targets
 from label_smoothing_fa.multilabel import LabelSmoothingBCEWithLogits, LabelSmoothingBCEWithLogitsFlat
 

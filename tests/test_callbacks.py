@@ -216,6 +216,18 @@ def test_train_metrics():
     for n in RECORDED[:-1]: close(got[f'train_{n}'], h[h['epoch'] == 1][n].mean())  # batches of equal size
     assert got['train_ece'] is None
 
+def test_train_metrics_nll_and_perplexity():
+    "The training epoch's perplexity is exp of its mean NLL, not the mean of the batches' perplexities"
+    learn = make_learner(LabelSmoothingCrossEntropy(0.1), [EntropyLogger(show=('nll', 'perplexity'))], n_train=300)
+    learn.recorder.train_metrics = True
+    fit(learn, 2)
+    got = dict(zip(learn.recorder.metric_names[1:-1], learn.recorder.values[-1]))
+    h = learn.entropy_logger.history
+    last = h[h['epoch'] == 1]
+    close(got['train_nll'], last['nll'].mean())  # batches of equal size (drop_last)
+    close(got['train_perplexity'], np.exp(got['train_nll']), 1e-4)
+    assert got['train_perplexity'] < np.exp(last['nll']).mean()  # Jensen: the mean of exps is larger
+
 # ---- fastai: get_preds & co leave the fit's history alone; export; bad arguments ----
 
 def test_predictions_leave_history(tmp_path):
@@ -452,6 +464,7 @@ def test_calibration_off_keeps_nothing(monkeypatch):
 # ---- a changing eps and prior: each batch is logged with its own ----
 
 from label_smoothing_fa.callbacks import _target_entropy
+from label_smoothing_fa.smoothing import _loss_chain
 
 def floor_by_hand(eps, K=K, prior=None):
     "H(q') of each class's smoothed one-hot target, float64 xlogy on q' = (1-eps) e_y + eps u_y"
@@ -474,7 +487,7 @@ class SetEps(Callback):
         if not self.training: return
         eps = self.schedule[self.learn.train_iter]
         if self.tell: self.learn.entropy_logger.set_eps(eps)
-        else: callbacks._loss_chain(self.learn.loss_func)[-1].eps = eps
+        else: _loss_chain(self.learn.loss_func)[-1].eps = eps
 
 @pytest.mark.parametrize('every', [1, 3])
 def test_history_follows_eps_per_batch(every):
@@ -565,7 +578,7 @@ def test_calibration_off_by_default(monkeypatch):
     calls, samples = [], cbs_module._samples
     monkeypatch.setattr(cbs_module, '_samples', lambda *a, **k: calls.append(1) or samples(*a, **k))
     learn = fit(make_learner(LabelSmoothingCrossEntropy(0.1), [EntropyLogger()]))
-    assert not calls and learn.entropy_logger._valid_samples == []
+    assert not calls and learn.entropy_logger._valid.samples == []
     assert not set(CALIBRATION) & set(learn.recorder.metric_names)
     fit(make_learner(LabelSmoothingCrossEntropy(0.1), [EntropyLogger(calibration=True)]))
     assert calls  # the check sees the samples being kept when asked

@@ -267,7 +267,7 @@ def test_entropy_logger_multilabel(loss):
     }[loss]
     learn, _ = make_learner(loss_func, cbs=[logger])
     with learn.no_bar(), learn.no_logging(): learn.fit(3)
-    assert learn.entropy_logger._multilabel
+    assert learn.entropy_logger._fit.multilabel
     ref = check_logger(learn, **kw)
     if loss.startswith('ours'):  # smooth_ce is the loss's value: valid_loss
         close(torch.tensor(ref['valid_loss']), torch.tensor(ref['smooth_ce']))
