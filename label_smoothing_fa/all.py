@@ -4,5 +4,7 @@ One line per module, lowest first; the package's own namespace (`from label_smoo
 reads its modules from these lines (hand-written: `nbdev_export` leaves this file alone)."""
 from .losses import *
 from .multilabel import *
+from .smoothing import *
+from .calibration import *
 from .callbacks import *
 from .adaptive import *

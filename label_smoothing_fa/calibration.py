@@ -6,13 +6,14 @@
 from __future__ import annotations
 import numbers
 from typing import NamedTuple
-import torch, torch.nn as nn, torch.nn.functional as F
+import torch, torch.nn.functional as F
 import matplotlib.pyplot as plt
 from torch import Tensor
 from fastcore.basics import store_attr, patch, noop
+from fastcore.meta import delegates
 from fastai.learner import Metric, Learner
 from .losses import _f32, _sum_tolerance
-from .multilabel import LabelSmoothingBCEWithLogits
+from .smoothing import smoothing_of
 
 # %% auto #0
 __all__ = ['ece', 'mce', 'adaptive_ece', 'classwise_ece', 'aurc', 'fit_temperature', 'brier_score', 'nll', 'smooth_ece',
@@ -505,9 +506,6 @@ class TemperatureScaling:
         ml = self.multilabel
         return f"TemperatureScaling({self.temperature:.4g}, axis={self.axis}, multilabel={ml})"
 
-# BaseLoss; torch.compile: module, function
-_WRAPPER_ATTRS = ('func', '_orig_mod', '_torchdynamo_orig_callable')
-
 class _LossReading(NamedTuple):
     "What the metrics read from a loss: how its outputs become the probabilities `get_preds` gives"
     multilabel:bool # a binary/multi-label loss (sigmoid), or multi-class (softmax over `axis`)
@@ -516,19 +514,11 @@ class _LossReading(NamedTuple):
     temperature:float|None # applied by `Learner.calibrate_temperature`
 
 def _read_loss(loss_func) -> _LossReading:
-    "`_LossReading` of `loss_func`, through `BaseLoss` and `torch.compile` wrappers"
-    chain = [loss_func]
-    while len(chain) < 10:
-        inner = next((getattr(chain[-1], a) for a in _WRAPPER_ATTRS if hasattr(chain[-1], a)), None)
-        if inner is None: break
-        chain.append(inner)
-    func = chain[-1]
-    multilabel = isinstance(func, (LabelSmoothingBCEWithLogits, nn.BCEWithLogitsLoss))
-    axis = next((o.axis for o in chain if isinstance(getattr(o, 'axis', None), int)), 1)
-    ignore = getattr(func, 'ignore_index', None)
+    "`_LossReading` of `loss_func`: what `smoothing_of` reads, and the temperature applied"
+    s = smoothing_of(loss_func)
     act = getattr(loss_func, 'activation', None)
     T = act.temperature if isinstance(act, TemperatureScaling) else None
-    return _LossReading(multilabel, axis, -100 if ignore is None else ignore, T)
+    return _LossReading(s.multilabel, s.axis, s.ignore_index, T)
 
 # %% ../nbs/05_calibration.ipynb #7c873d36
 class CalibrationMetric(Metric):
@@ -580,10 +570,13 @@ class CalibrationMetric(Metric):
     def name(self): return self._name
 
 # %% ../nbs/05_calibration.ipynb #9cb21408
+@delegates(CalibrationMetric)
 class ECE(CalibrationMetric):
     "`ece` over the epoch: equal-width bins summed over batches and processes"
     _name = 'ece'
-    def __init__(self, n_bins:int=15, **kwargs):
+    def __init__(self,
+        n_bins:int=15, # equal-width confidence bins (torchmetrics' default is 15 as well)
+        **kwargs):
         self.n_bins = _check_positive_int('n_bins', n_bins); super().__init__(**kwargs)
     def _batch(self, rows, labels, columns, multilabel, n_groups):
         return (_reliability_bins(rows, labels, self.n_bins, multilabel),)
