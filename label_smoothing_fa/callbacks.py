@@ -15,7 +15,7 @@ from fastai.callback.core import Callback
 from fastai.callback.tracker import TrackerCallback
 from .losses import _check_eps, _check_prior, _f32
 from .multilabel import _per_label
-from .smoothing import (smoothing_of, is_training_fit, starts_training_fit,
+from .smoothing import (smoothing_of, is_training_fit, starts_training_fit, training_fit_running,
                                           TrainingFitCallback, _check_any_prior)
 from .calibration import (_labels, _check_positions, _calibration_bins, _ece,
     _check_positive_int, _samples, _probabilities, _top_label, _adaptive_ece, _classwise_ece,
@@ -304,6 +304,11 @@ class _ValidLog:
     records: list = field(default_factory=list)
 
 # %% ../nbs/01_callbacks.ipynb #a1c0de04
+def _validates_alone(learn) -> bool:
+    "A `get_preds`/`validate` of its own, not inside a training fit: the logger gives its columns"
+    lock = getattr(learn, 'lock', None)  # fastai holds it while it validates
+    return lock is not None and lock.locked() and not training_fit_running(learn)
+
 class EntropyLogger(TrainingFitCallback):
     "Log the smoothed target's cross-entropy with predictions, its floor, entropy, confidence, ECE"
     order, remove_on_fetch = -5, True  # before `MixUp` (unmixed labels), `Recorder` (our columns)
@@ -330,6 +335,7 @@ class EntropyLogger(TrainingFitCallback):
     def _init_state(self):
         "Empty history and buffers: when created, reset, and unpickled (they are not pickled)"
         self._fit, self._train, self._valid = _FitState(), _TrainLog(), _ValidLog()
+        self._outer = None  # the fits' `_fit` and `_valid` while a validation of its own runs
         # the batch's labels, has it a prediction, the training batches of all fits, values pending
         self._batch = dict(labels=(), predicted=False, train_iter=0, pending_values=0)
 
@@ -343,10 +349,14 @@ class EntropyLogger(TrainingFitCallback):
         return tuple(s.name for s in _STATISTICS if self.calibration or not s.calibration)
 
     def before_fit(self):
-        "The loss's settings, our columns into `learn.metrics`: in a training fit only"
-        if not starts_training_fit(self, self._end_fit): return
+        "The loss's settings, our columns into `learn.metrics`: in a training fit, or a validation"
+        alone = _validates_alone(self.learn)
+        if not starts_training_fit(self, self._end_fit) and not alone: return
         shown = _columns(self.learn, self.show, self.calibration)
-        _check_trackers(self.learn, shown)
+        if alone:  # its columns computed as usual, the fits' state set aside till its `after_fit`
+            self.run, self._outer = True, (self._fit, self._valid)
+            self._valid = _ValidLog()
+        else: _check_trackers(self.learn, shown)
         read = smoothing_of(self.learn.loss_func)
         ml = read.multilabel if self.multilabel is None else self.multilabel
         self._fit = _FitState(self._fit.number, False, ml, read.axis, read.ignore_index)
@@ -391,7 +401,8 @@ class EntropyLogger(TrainingFitCallback):
 
     def before_validate(self):
         "Empty the epoch's sums (not for a `get_preds` called inside `fit`)"
-        self._valid.values, self._valid.running = {}, is_training_fit(self.learn)
+        running = is_training_fit(self.learn) or self._outer is not None
+        self._valid.values, self._valid.running = {}, running
         if not self._valid.running: return
         self._count_fit()
         v = self._valid
@@ -509,6 +520,7 @@ class EntropyLogger(TrainingFitCallback):
         self._flush(); self._valid.pending.clear(); self._valid.samples.clear()
         if self.learn.metrics is not None:
             self.learn.metrics = [m for m in self.learn.metrics if not isinstance(m, _EpochValue)]
+        if self._outer is not None: (self._fit, self._valid), self._outer = self._outer, None
 
     def after_fit(self): self._end_fit()
 

@@ -235,8 +235,9 @@ def test_predictions_leave_history(tmp_path):
     el = learn.entropy_logger
     before = el.history, el.valid_history, el.reliability
     learn.get_preds(); learn.get_preds(with_loss=True, with_decoded=True)
-    res = learn.validate()
-    assert len(res) == 1 and len(learn.metrics) == 0  # only valid_loss: our columns are in `metrics` only while fitting
+    res = learn.validate()  # a validation of its own: our columns computed for it, then out of `metrics` again
+    assert len(res) == 1 + len(RECORDED) and None not in res and len(learn.metrics) == 0
+    assert res[1] == pytest.approx(res[0], rel=1e-5)  # smooth_ce: the loss itself
     Interpretation.from_learner(learn)
     learn.get_preds(dl=[(torch.randn(4, 8),)])  # unlabeled, as `predict` and a test set are
     learn('before_fit'); learn.get_preds(inner=True); learn('after_fit')  # the events `tta` fires: `before_fit`, but no training
@@ -258,7 +259,9 @@ def test_stale_values_are_none():
     with pytest.raises(KeyboardInterrupt): fit(learn, 3)
     assert len(learn.entropy_logger.valid_history) == 1  # the first epoch finished
     learn.remove_cb(learn.interrupt)
-    assert learn.validate()[1:] == [None] * len(RECORDED)
+    res = learn.validate()  # computed on the data just validated: no None, no stale value
+    assert len(res) == 1 + len(RECORDED) and None not in res and len(learn.metrics) == 0
+    assert res[1] == pytest.approx(res[0], rel=1e-5)
 
 def test_export_and_load(tmp_path):
     learn = fit(make_learner(LabelSmoothingCrossEntropy(0.1), [EntropyLogger(n_bins=10)], n_train=1600, bs=8, datasets=True), 1)

@@ -130,10 +130,11 @@ def test_interrupted_fit_leaves_metrics_and_loss_as_found(exc):
     assert loss.eps == pytest.approx(SCHEDULE[5])  # the batch it stopped at: no event ran since
     learn.remove_cb(learn.boom)
     res = learn.validate()
-    assert len(res) == 2 and None not in res  # valid_loss, accuracy
+    assert len(res) == 3 and None not in res  # valid_loss, accuracy, and the logger's nll
     assert list(learn.metrics) == found and loss.eps == 0.1
     logits, targs = learn.get_preds(act=lambda o: o)
     assert res[0] == pytest.approx(F.cross_entropy(logits, targs, label_smoothing=0.1).item(), abs=1e-5)
+    assert res[2] == pytest.approx(F.cross_entropy(logits, targs).item(), abs=1e-5)
 
 def test_interrupted_online_fit_then_get_preds_with_loss():
     "OLS interrupted: `get_preds(with_loss=True)` right after sees the loss as built"
@@ -225,6 +226,22 @@ def test_save_model_and_early_stopping_on_the_fixed_meaning_column(monitor):
     with pytest.raises(ValueError, match="pass comp=np.less"):
         fit(learn, 1, cbs=SaveModelCallback(monitor=monitor))
     assert learn.loss_func.eps == 0.1 and len(learn.metrics) == 0
+
+def test_validate_and_get_preds_after_a_fit_give_the_logger_columns():
+    "A validation of its own (not in a fit) computes the logger's columns for `validate` and trackers, records nothing"
+    logger = EntropyLogger(show=('smooth_ce', 'nll', 'perplexity'))
+    learn = make_learner(LabelSmoothingCrossEntropy(0.1), [logger, SaveModelCallback(monitor='nll', comp=np.less)])
+    fit(learn, 2, 0.05)
+    history, valid_history = logger.history.copy(), logger.valid_history.copy()
+    logits, targs = learn.get_preds(act=lambda o: o)  # SaveModelCallback finds its column here too
+    names, values = learn.recorder.metric_names[2:-1], learn.validate()
+    row = dict(zip(names, values))
+    nll = F.cross_entropy(logits.double(), targs).item()
+    smooth = F.cross_entropy(logits.double(), targs, label_smoothing=0.1).item()
+    assert row['nll'] == pytest.approx(nll, rel=1e-6) and row['perplexity'] == pytest.approx(math.exp(nll), rel=1e-6)
+    assert row['smooth_ce'] == pytest.approx(smooth, rel=1e-6) == pytest.approx(row['valid_loss'], rel=1e-5)
+    assert len(learn.metrics) == 0  # the columns are out again
+    assert logger.history.equals(history) and logger.valid_history.equals(valid_history)
 
 def test_show_chooses_the_columns():
     learn = fit(make_learner(LabelSmoothingCrossEntropy(0.1), [EntropyLogger(show=('kl', 'nll', 'perplexity'))]), 1)
