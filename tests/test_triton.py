@@ -2,7 +2,8 @@
 semantic of the coefficients (targets x priors x weight modes x reductions x ignore_index x dtypes), the
 strided class axis, the extremes, re-entrant and double backward. Tiny shapes: the interpreter takes a few
 milliseconds per program (the whole module runs in about 20 s on one thread)."""
-import os, subprocess, sys, warnings
+import os, subprocess, sys
+from unittest import mock
 from pathlib import Path
 
 import pytest, torch
@@ -13,9 +14,8 @@ from hypothesis import given, settings, strategies as st, HealthCheck
 if 'triton' not in sys.modules and not torch.cuda.is_available(): os.environ['TRITON_INTERPRET'] = '1'
 pytest.importorskip('triton')
 import label_smoothing_fa.triton_kernels as TK
-from label_smoothing_fa.losses import (_check_class_vector, _check_prior, _f32_dtype, _index_targets,
-                                       _is_soft, _row_coefficients, _soft_targets,
-                                       reference_label_smoothing_cross_entropy)
+import label_smoothing_fa.losses as L
+from label_smoothing_fa.losses import _f32_dtype, reference_label_smoothing_cross_entropy
 
 INTERPRETED = TK._interpreting() and os.environ.get('TRITON_INTERPRET') == '1'
 in_process = pytest.mark.skipif(not INTERPRETED, reason="triton imported for the device: the "
@@ -30,28 +30,10 @@ def test_in_subprocess():
     subprocess.run([sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider', __file__],
                    check=True, env=env, cwd=root)
 
-def coefficients(x, target, eps=0.1, weight=None, reduction='mean', prior=None, ignore_index=-100,
-                 axis=1, weight_mode='sample'):
-    "`(idx, co)` as `label_smoothing_cross_entropy` computes them before its backend"
-    K, dt = x.shape[axis], _f32_dtype(x.dtype)
-    prior, weight = _check_prior(prior, K), _check_class_vector('weight', weight, K)
-    if _is_soft(x, target):
-        (soft, tsum), idx, keep = _soft_targets(x, target, axis, ignore_index, True), None, None
-    else: (idx, keep), soft, tsum = _index_targets(x, target, axis, ignore_index, True), None, None
-    if isinstance(prior, torch.Tensor): prior = prior.to(dt)
-    if weight is not None:
-        if reduction == 'mean' and not (weight_mode == 'torch' and soft is not None):
-            weight = weight / weight.amax()
-        weight = weight.to(dt)
-    co = _row_coefficients(idx, soft, tsum, keep, weight, prior, eps, K, axis, reduction,
-                           weight_mode, dt)
-    return idx, co
-
 def triton_loss(x, target, reduction='mean', axis=1, **kwargs):
-    "The loss through `_TritonLabelSmoothing`, reduced as `label_smoothing_cross_entropy` does"
-    idx, co = coefficients(x, target, reduction=reduction, axis=axis, **kwargs)
-    loss = TK._TritonLabelSmoothing.apply(x, idx, co.soft, co, axis, False)
-    return loss if reduction == 'none' else loss.sum()
+    "`label_smoothing_cross_entropy` with `_TritonLabelSmoothing` in the fused path's place, at any size"
+    with mock.patch.multiple(L, _FusedLabelSmoothing=TK._TritonLabelSmoothing, _DENSE_BELOW=0):
+        return L.label_smoothing_cross_entropy(x, target, reduction=reduction, axis=axis, **kwargs)
 
 def close(a, b, tol):
     assert torch.allclose(a.double(), b.double(), atol=tol, rtol=tol, equal_nan=True), \
@@ -87,7 +69,7 @@ def test_semantics(prior, soft, monkeypatch):
     torch.manual_seed(list(PRIORS).index(prior) * 2 + soft)
     N, K = 4, 19
     x = torch.randn(N, K) * 3
-    target = torch.softmax(torch.randn(N, K) * 3, 1) if soft else torch.tensor([3, -100, 18, 0])
+    target = torch.softmax(torch.randn(N, K) * 3, 1) if soft else torch.tensor([3, -100, 18, 5])  # class 5: weight 0
     w = torch.rand(K) + 0.1
     w[5] = 0  # a class of weight 0
     modes = [(None, 'sample', 'mean'), (w, 'sample', 'sum'), (w, 'torch', 'none'),
@@ -165,6 +147,7 @@ def test_empty_and_one_class():
     check(torch.randn(0, 5), torch.zeros(0, dtype=torch.long), 'none')
     check(torch.randn(0, 5), torch.zeros(0, dtype=torch.long), 'sum')
     check(torch.randn(3, 1), torch.zeros(3, dtype=torch.long), 'none')
+    check(torch.randn(5), torch.tensor(2), 'none', prior='others')  # no batch axis
 
 @in_process
 def test_reentrant_and_double_backward():
