@@ -61,8 +61,9 @@ def check_results(triton, L, torch, device, dry) -> list:
             ref = L.reference_label_smoothing_cross_entropy(x64, target, EPS, **kw)
             grad64, = torch.autograd.grad(ref, x64)
             errs = [(loss.double() - ref).abs().item(), (grad.double() - grad64).abs().max().item()]
-            # the gradient is stored in the logits' dtype: a rounding of it (bfloat16: 8 bits)
-            tol = (1e-5 if dt == torch.float32 else 2 ** -8) * grad64.abs().max().item()
+            # the gradient is stored in the logits' dtype: one bfloat16 ulp (8 bits), as the
+            # interpreter truncates where the device rounds
+            tol = (1e-5 if dt == torch.float32 else 2 ** -7) * grad64.abs().max().item()
             rows.append(dict(dtype=str(dt), semantics=name, loss_err=errs[0], grad_err=errs[1],
                              ok=errs[0] <= 1e-5 * max(1, ref.abs().item()) and errs[1] <= tol))
     return rows

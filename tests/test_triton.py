@@ -57,7 +57,8 @@ def check(x, target, reduction='mean', axis=1, tol=1e-5, **kwargs):
 PRIORS = {'uniform': lambda K: None, 'others': lambda K: 'others',
           'vector': lambda K: torch.softmax(torch.randn(K), 0),
           'matrix': lambda K: torch.softmax(torch.randn(K, K) * 2, 1)}
-# float64 logits: float64 arithmetic, the class weights normalised in float32 as the losses do
+# float64 logits: float64 arithmetic, the class weights normalised in float32 as the losses do;
+# bfloat16: one ulp of the gradient, as the interpreter truncates float32 to bfloat16 (the device rounds)
 DTYPES = [(torch.float32, 1e-5), (torch.bfloat16, 3e-3), (torch.float16, 1e-3), (torch.float64, 1e-7)]
 
 @in_process
