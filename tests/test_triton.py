@@ -48,7 +48,8 @@ def check(x, target, reduction='mean', axis=1, tol=1e-5, **kwargs):
                                                    **kwargs)
     assert loss.dtype == _f32_dtype(x.dtype) and loss.shape == ref.shape
     close(loss, ref.to(loss.dtype), tol)  # the reference's float64 can hold what float32 can't
-    g_out = torch.linspace(-1, 2, loss.numel()).reshape(loss.shape) if loss.ndim else torch.ones(())
+    g_out = torch.linspace(-1, 2, loss.numel(), device=x.device).reshape(loss.shape) if loss.ndim \
+        else torch.ones((), device=x.device)
     g, = torch.autograd.grad(loss, x, g_out)
     g64, = torch.autograd.grad(ref, x64, g_out.double())
     assert g.dtype == x.dtype and g.shape == x.shape
@@ -120,10 +121,8 @@ def test_segmentation_in_place(monkeypatch):
     check(xs.contiguous(memory_format=torch.channels_last), ys, 'none', prior=torch.rand(5).softmax(0))
     check(torch.randn(4, 4, 4, 5)[::2, ::2, ::2], torch.randint(0, 5, (2, 2, 2)), axis=3)  # copied
 
-@in_process
-def test_extremes(monkeypatch):
+def check_extremes(device='cpu'):
     "+-inf and NaN show in kept rows as the reference's; -inf where B = 0 adds 0; ignored rows give 0"
-    monkeypatch.setattr(TK, '_MAX_BLOCK', 4)
     inf, nan = float('inf'), float('nan')
     x = torch.randn(8, 9)
     x[0, 3], x[1, 2], x[2, :4], x[3, 5], x[3, 1] = inf, nan, -inf, 3e38, -3e38
@@ -131,17 +130,46 @@ def test_extremes(monkeypatch):
     x[5, :] = -inf
     x[6, 4:] = -inf  # the last blocks all -inf, after finite ones
     x[7, :5] = -inf  # the first blocks all -inf, then finite ones
-    y = torch.tensor([1, 0, 6, 5, -100, 2, 0, 6])
-    for kwargs in (dict(eps=0.), {}, dict(prior='others'), dict(eps=0.3, prior=torch.rand(9).softmax(0))):
+    x, y = x.to(device), torch.tensor([1, 0, 6, 5, -100, 2, 0, 6], device=device)
+    for kwargs in (dict(eps=0.), {}, dict(prior='others'),
+                   dict(eps=0.3, prior=torch.rand(9, device=device).softmax(0))):
         check(x, y, 'none', **kwargs)
     loss = triton_loss(x.requires_grad_(), y, 'none', eps=0.)
     g, = torch.autograd.grad(loss.sum(), x)
     assert loss[4] == 0 and (g[4] == 0).all()  # an ignored row of NaN
     assert loss[2].isfinite() and (g[2, :4] == 0).all()  # -inf logits of classes without weight
     assert loss[7].isfinite()
-    big = torch.tensor([[3e38, -3e38, 0.]])
-    assert triton_loss(big, torch.tensor([0]), eps=0.) == 0
-    close(triton_loss(big, torch.tensor([0]), eps=1e-30), torch.tensor(1e-30 * 9e38 / 3), 1e-5)
+    big = torch.tensor([[3e38, -3e38, 0.]], device=device)
+    y0 = torch.tensor([0], device=device)
+    assert triton_loss(big, y0, eps=0.) == 0
+    close(triton_loss(big, y0, eps=1e-30), torch.tensor(1e-30 * 9e38 / 3), 1e-5)
+
+@in_process
+def test_extremes(monkeypatch):
+    monkeypatch.setattr(TK, '_MAX_BLOCK', 4)
+    check_extremes()
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available() or TK._interpreting(),
+                    reason='needs a GPU: the compiled kernels')
+def test_cuda_device():
+    "The compiled kernels on the device: one block and several, half precision, segmentation"
+    torch.manual_seed(0)
+    for K in (7, 40000):  # 40000 classes: 3 blocks of _MAX_BLOCK
+        x = torch.randn(64, K, device='cuda') * 3
+        y = torch.randint(0, K, (64,), device='cuda')
+        y[::7] = -100
+        soft = torch.softmax(torch.randn(64, K, device='cuda') * 3, 1)
+        for prior in (None, 'others', torch.rand(K, device='cuda').softmax(0)):
+            for dt, tol in DTYPES[:3]: check(x.to(dt), y, tol=tol, prior=prior)
+            check(x, soft, 'none', prior=prior, ignore_index=None, weight_mode='torch',
+                  weight=torch.rand(K, device='cuda'))
+    P = torch.softmax(torch.randn(21, 21, device='cuda'), 1)
+    xs, ys = torch.randn(4, 21, 32, 32, device='cuda'), torch.randint(0, 21, (4, 32, 32), device='cuda')
+    check(xs, ys, 'none', prior=P)
+    check(xs.to(torch.bfloat16), ys, 'mean', tol=3e-3, prior='others')
+    check(xs, torch.softmax(xs, 1), 'sum', prior=P, ignore_index=None)
+    check_extremes('cuda')
 
 @in_process
 def test_empty_and_one_class():
