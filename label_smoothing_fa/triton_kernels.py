@@ -16,7 +16,7 @@ except ImportError: triton = tl = None  # the module imports; its functions say 
 # %% auto #0
 __all__ = []
 
-# %% ../nbs/07_triton.ipynb #12fac3b4
+# %% ../nbs/07_triton.ipynb #c9fbcffc
 def _label_smoothing_rows(
     X, x_outer, x_inner, x_class, # logits and their strides: outer and inner row axes, classes
     n_rows, n_inner, n_classes, # rows r = (r // n_inner, r % n_inner), classes on the class axis
@@ -83,13 +83,7 @@ def _label_smoothing_rows(
             else: v = tl.load(V + rows[:, None] * n_classes + cols[None, :], mask=ok, other=0.)
             B = c_T[:, None] * t + c_V[:, None] * v
         B = tl.where(ok, B, 0.)
-        if BACKWARD:
-            # 4. the gradient g (A p - B), written once; rows without weight (A = 0) get 0
-            p = tl.exp(x - c[:, None]) / s[:, None]
-            grad = tl.where(c_A[:, None] == 0, 0., (g * c_A)[:, None] * p - g[:, None] * B)
-            tl.store(GX + gx_row[:, None] + cols[None, :] * gx_class,
-                     grad.to(GX.dtype.element_ty), mask=ok)
-        else:
+        if not BACKWARD:
             # 3. online softmax: the new shift rescales s and bz; a class with B = 0 adds 0
             # (c is the largest logit once s > 0; a NaN or +inf logit makes s NaN: it shows)
             m = tl.max(x, 1)
@@ -99,6 +93,12 @@ def _label_smoothing_rows(
             bz += tl.sum(tl.where(B == 0, 0., B * (x * 0.5 - c_new[:, None] * 0.5)), 1)
             b += tl.sum(B, 1)
             c = c_new
+        else:
+            # 4. the gradient g (A p - B), written once; rows without weight (A = 0) get 0
+            p = tl.exp(x - c[:, None]) / s[:, None]
+            grad = tl.where(c_A[:, None] == 0, 0., (g * c_A)[:, None] * p - g[:, None] * B)
+            tl.store(GX + gx_row[:, None] + cols[None, :] * gx_class,
+                     grad.to(GX.dtype.element_ty), mask=ok)
     if not BACKWARD:
         # 5. loss = A (lse - c) - <B, x - c>: two sums of one sign, no cancellation
         loss = tl.where(c_A == 0, 0., c_A * tl.log(s)) - 2 * bz
