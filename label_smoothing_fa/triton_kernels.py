@@ -156,21 +156,20 @@ def _strided(t:Tensor, axis:int) -> tuple:
     if lay is None: t = t.contiguous(); lay = _layout(t, axis)
     return t, lay
 
-# %% ../nbs/07_triton.ipynb #45055479
+# %% ../nbs/07_triton.ipynb #ee4b8448
 _MAX_BLOCK = 1 << 14 # classes per step: 64 KB of float32 a program (Liger: 32768 on 32 warps)
-_ROW_LOGITS = 1 << 12 # logits per program when classes are strided: rows side by side in memory
+_ROW_LOGITS = 1 << 12 # logits a program takes at least: rows side by side where classes are few
 
-def _blocks(K:int, lay:_Layout) -> tuple:
-    "`(ROWS, BLOCK, num_warps)`: one row per program, several where the rows are adjacent in memory"
+def _blocks(K:int, n_rows:int) -> tuple:
+    "`(ROWS, BLOCK, num_warps)`: a row a program, several where the classes are fewer than 4096"
     block = min(triton.next_power_of_2(K), _MAX_BLOCK)
-    rows = max(1, _ROW_LOGITS // block) if lay.inner == 1 and lay.cls != 1 else 1
+    rows = min(max(1, _ROW_LOGITS // block), triton.next_power_of_2(max(n_rows, 1)))
     return rows, block, max(1, min(32, rows * block // 256))  # 8 values per thread at least
 
 class _Launch(NamedTuple):
     "Everything a launch of `_label_smoothing_rows` needs but the forward/backward buffers"
     x: Tensor
     axis: int
-    lay: _Layout
     n_rows: int
     args: dict
 
@@ -203,11 +202,11 @@ def _launch_args(x:Tensor, idx, soft, co:losses._Coefficients, axis:int) -> _Lau
                 SOFT=soft is not None, PRIOR=prior, OTHERS=co.others is not None,
                 OTHERS_WEIGHTED=co.others is not None and co.others.V is not None,
                 COMPUTE=tl.float64 if dt == torch.float64 else tl.float32)
-    return _Launch(x, axis, lay, rows.numel(), args)
+    return _Launch(x, axis, rows.numel(), args)
 
 def _run(launch:_Launch, **buffers):
     "Launch the kernel over all rows, with the forward's or the backward's buffers"
-    rows, block, warps = _blocks(launch.args['n_classes'], launch.lay)
+    rows, block, warps = _blocks(launch.args['n_classes'], launch.n_rows)
     grid = (triton.cdiv(launch.n_rows, rows),)
     if launch.n_rows: _kernel()[grid](**launch.args, **buffers, ROWS=rows,
                                                      BLOCK=block, num_warps=warps)
