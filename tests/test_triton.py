@@ -1,7 +1,7 @@
 """The Triton kernels on CPU tensors through Triton's interpreter, against the float64 reference: every
 semantic of the coefficients (targets x priors x weight modes x reductions x ignore_index x dtypes), the
 strided class axis, the extremes, re-entrant and double backward. Tiny shapes: the interpreter takes a few
-milliseconds per program (the whole module runs in about 20 s on one thread)."""
+milliseconds per program (the whole module runs in about 10 s on one thread)."""
 import os, subprocess, sys
 from unittest import mock
 from pathlib import Path
