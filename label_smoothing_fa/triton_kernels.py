@@ -156,15 +156,17 @@ def _strided(t:Tensor, axis:int) -> tuple:
     if lay is None: t = t.contiguous(); lay = _layout(t, axis)
     return t, lay
 
-# %% ../nbs/07_triton.ipynb #ee4b8448
-_MAX_BLOCK = 1 << 14 # classes per step: 64 KB of float32 a program (Liger: 32768 on 32 warps)
-_ROW_LOGITS = 1 << 12 # logits a program takes at least: rows side by side where classes are few
+# %% ../nbs/07_triton.ipynb #f3d59ffe
+# ptxas for sm_90 fits every variant of the kernel in 64 registers a thread without spilling at
+# 8192 classes on 32 warps and 2048 logits on 16 (16384 spills): 8 and 4 values a thread
+_MAX_BLOCK = 1 << 13 # classes a step
+_ROW_LOGITS = 1 << 11 # logits a program takes at least: rows side by side where classes are few
 
 def _blocks(K:int, n_rows:int) -> tuple:
-    "`(ROWS, BLOCK, num_warps)`: a row a program, several where the classes are fewer than 4096"
+    "`(ROWS, BLOCK, num_warps)`: a row a program, several where the classes are fewer than 2048"
     block = min(triton.next_power_of_2(K), _MAX_BLOCK)
     rows = min(max(1, _ROW_LOGITS // block), triton.next_power_of_2(max(n_rows, 1)))
-    return rows, block, max(1, min(32, rows * block // 256))  # 8 values per thread at least
+    return rows, block, max(1, min(32, rows * block // 128))
 
 class _Launch(NamedTuple):
     "Everything a launch of `_label_smoothing_rows` needs but the forward/backward buffers"

@@ -225,3 +225,45 @@ def test_import_without_triton_or_interpreter():
     if torch.cuda.is_available(): code = code.split('\ndel ')[0]  # CPU tensors: no refusal to test
     env = {**os.environ, 'OMP_NUM_THREADS': '1', 'TRITON_INTERPRET': '0'}
     subprocess.run([sys.executable, '-c', code], check=True, env=env)
+
+COMPILE = '''
+import itertools, os, subprocess, tempfile
+import triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import label_smoothing_fa.triton_kernels as TK
+code = TK._label_smoothing_rows.__code__
+kernel, names = triton.jit(TK._label_smoothing_rows), code.co_varnames[:code.co_argcount]
+flags = ('SOFT', 'PRIOR', 'OTHERS', 'OTHERS_WEIGHTED', 'BACKWARD', 'ROWS', 'BLOCK', 'COMPUTE')
+ints = ('x_outer', 'x_inner', 'x_class', 's_outer', 's_inner', 's_class', 'gx_outer', 'gx_inner',
+        'gx_class')
+cuobjdump = os.path.join(os.path.dirname(triton.__file__), 'backends/nvidia/bin/cuobjdump')
+variants = [(soft, prior, others) for soft in (0, 1) for prior in (0, 1, 2, 3) for others in (0, 1)
+            if not (others and prior) and prior != (2 if soft else 3)]
+for (soft, prior, others), backward, (K, rows_in), (x, f) in itertools.product(
+        variants, (0, 1), ((32000, 8), (21, 4096)), (('bf16', 'fp32'), ('fp64', 'fp64'))):
+    if f == 'fp64' and (K, backward) != (21, 1): continue
+    rows, block, warps = TK._blocks(K, rows_in)
+    sig = {n: 'i64' if n in ints else 'i32' if n.startswith('n_') else '*i64' if n == 'Y' else
+           '*' + (x if n in ('X', 'GX') else f) for n in names if n not in flags}
+    sig.update({n: 'constexpr' for n in flags})
+    src = ASTSource(kernel, sig, dict(SOFT=bool(soft), PRIOR=prior, OTHERS=bool(others),
+                    OTHERS_WEIGHTED=bool(others), BACKWARD=bool(backward), ROWS=rows, BLOCK=block,
+                    COMPUTE=tl.float64 if f == 'fp64' else tl.float32))
+    k = triton.compile(src, target=GPUTarget('cuda', 90, 32), options=dict(num_warps=warps))
+    if os.path.exists(cuobjdump) and f == 'fp32':
+        with tempfile.NamedTemporaryFile(suffix='.cubin') as cubin:
+            cubin.write(k.asm['cubin']); cubin.flush()
+            usage = subprocess.run([cuobjdump, '-res-usage', cubin.name], capture_output=True,
+                                   text=True, check=True).stdout
+        assert 'STACK:0 ' in usage and 'LOCAL:0 ' in usage, (soft, prior, others, backward, K, usage)
+print('compiled')
+'''
+
+@in_process
+def test_compiles_for_the_device():
+    """Every variant of the kernel compiles for an H100 (sm_90) as the launches configure it, without
+    a GPU (triton's bundled ptxas), and fits its registers without spilling"""
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'TRITON_INTERPRET': '0'}
+    out = subprocess.run([sys.executable, '-c', COMPILE], env=env, capture_output=True, text=True)
+    assert out.returncode == 0 and 'compiled' in out.stdout, out.stderr[-3000:]
