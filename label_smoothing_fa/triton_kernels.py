@@ -16,7 +16,7 @@ except ImportError: triton = tl = None  # the module imports; its functions say 
 # %% auto #0
 __all__ = []
 
-# %% ../nbs/07_triton.ipynb #c9fbcffc
+# %% ../nbs/07_triton.ipynb #92d32d5f
 def _label_smoothing_rows(
     X, x_outer, x_inner, x_class, # logits and their strides: outer and inner row axes, classes
     n_rows, n_inner, n_classes, # rows r = (r // n_inner, r % n_inner), classes on the class axis
@@ -25,7 +25,7 @@ def _label_smoothing_rows(
     V, # the prior: K values (PRIOR 1), K x K row-major (PRIOR 2), n_rows x K (PRIOR 3)
     C_T, C_V, C_A, # per row: the target's and the prior's coefficients, and A = sum of B
     W, # 'others': the class weights V of B = c_T T + c_V (V - T) (OTHERS_WEIGHTED)
-    SHIFT, SUMEXP, # per row: the shift c (the largest logit) and sum exp(x - c)
+    SHIFT, SUMEXP, # per row: the shift c (the largest logit) and s = sum exp(x - c)
     LOSS, # per row: the loss (forward)
     G, GX, gx_outer, gx_inner, gx_class, # grad_output per row, and the gradient, strided
     SOFT: tl.constexpr, # targets are soft (S), else class indices (Y)
@@ -52,10 +52,12 @@ def _label_smoothing_rows(
         c = tl.load(SHIFT + rows, mask=row_ok, other=0.).to(COMPUTE)
         s = tl.load(SUMEXP + rows, mask=row_ok, other=1.).to(COMPUTE)
         gx_row = outer * gx_outer + inner * gx_inner
-    else:  # online: c the largest logit so far (0 while all are -inf), s = sum exp(x - c),
-        # bz = sum B (x - c) / 2 (halved: x - c spans up to twice float32's range), b = sum B
+    else:  # online: c the largest logit so far (0 while all are -inf), s1 = s - 1 (-1: s = 0)
+        # kept apart from the largest term's 1, so that lse - c = log1p(s1) keeps its digits where
+        # the row is confident; bz = sum B (x - c) / 2 (halved: x - c spans up to twice float32's
+        # range), b = sum B
         c = tl.zeros((ROWS,), COMPUTE)
-        s = tl.zeros((ROWS,), COMPUTE)
+        s1 = tl.zeros((ROWS,), COMPUTE) - 1
         bz = tl.zeros((ROWS,), COMPUTE)
         b = tl.zeros((ROWS,), COMPUTE)
     for start in range(0, n_classes, BLOCK):
@@ -84,11 +86,18 @@ def _label_smoothing_rows(
             B = c_T[:, None] * t + c_V[:, None] * v
         B = tl.where(ok, B, 0.)
         if not BACKWARD:
-            # 3. online softmax: the new shift rescales s and bz; a class with B = 0 adds 0
+            # 3. online softmax: a new largest logit rescales s and bz; a class with B = 0 adds 0
             # (c is the largest logit once s > 0; a NaN or +inf logit makes s NaN: it shows)
             m = tl.max(x, 1)
-            c_new = tl.where(s == 0, tl.where(m > -float('inf'), m, c), tl.maximum(c, m))
-            s = tl.where(s == 0, 0., s * tl.exp(c - c_new)) + tl.sum(tl.exp(x - c_new[:, None]), 1)
+            fresh = s1 == -1  # nothing but -inf so far
+            c_new = tl.where(fresh, tl.where(m > -float('inf'), m, c), tl.maximum(c, m))
+            e = tl.exp(x - c_new[:, None])
+            top = x == c_new[:, None]  # the terms of 1, one of them left out of s1
+            rest = tl.sum(tl.where(top, 0., e), 1) + (tl.sum(top.to(COMPUTE), 1) - 1)
+            grew = fresh | (c_new > c)
+            s1 = tl.where(grew, tl.where(fresh, 0., (1 + s1) * tl.exp(c - c_new)) + rest,
+                          s1 + tl.sum(e, 1))
+            s1 = tl.where(c_new == float('inf'), float('nan'), s1)  # inf - inf, left out above
             bz -= tl.where(b == 0, 0., (c_new * 0.5 - c * 0.5) * b)
             bz += tl.sum(tl.where(B == 0, 0., B * (x * 0.5 - c_new[:, None] * 0.5)), 1)
             b += tl.sum(B, 1)
@@ -100,8 +109,11 @@ def _label_smoothing_rows(
             tl.store(GX + gx_row[:, None] + cols[None, :] * gx_class,
                      grad.to(GX.dtype.element_ty), mask=ok)
     if not BACKWARD:
-        # 5. loss = A (lse - c) - <B, x - c>: two sums of one sign, no cancellation
-        loss = tl.where(c_A == 0, 0., c_A * tl.log(s)) - 2 * bz
+        # 5. loss = A (lse - c) - <B, x - c>: two sums of one sign, no cancellation;
+        # lse - c = log1p(s1) as log(s) s1 / (s - 1), exact where s rounds to 1 (Goldberg)
+        s = 1 + s1
+        lse_c = tl.where(s == 1, s1, tl.where(s == float('inf'), s, tl.log(s) * s1 / (s - 1)))
+        loss = tl.where(c_A == 0, 0., c_A * lse_c) - 2 * bz
         tl.store(LOSS + rows, loss.to(LOSS.dtype.element_ty), mask=row_ok)
         tl.store(SHIFT + rows, c.to(SHIFT.dtype.element_ty), mask=row_ok)
         tl.store(SUMEXP + rows, s.to(SUMEXP.dtype.element_ty), mask=row_ok)

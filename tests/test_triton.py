@@ -143,6 +143,16 @@ def check_extremes(device='cpu'):
     y0 = torch.tensor([0], device=device)
     assert triton_loss(big, y0, eps=0.) == 0
     close(triton_loss(big, y0, eps=1e-30), torch.tensor(1e-30 * 9e38 / 3), 1e-5)
+    # confident rows: a loss of 1e-13 keeps its digits (lse - c = log1p of the other terms' sum;
+    # the reference's float64 lse - x_y would not: 1e-16 of 30), uniform prior, the target the max
+    sure = torch.tensor([[30., 0., 0.], [20., 5., -3.], [-3., 15., 18.]], device=device)
+    ys = torch.tensor([0, 0, 2], device=device)
+    z = sure.double() - sure.double().amax(1, keepdim=True)
+    lse_c = torch.where(z == 0, 0., z.exp()).sum(1).log1p()
+    for eps in (0., 1e-9):
+        ref = (1 - eps) * lse_c + eps * (lse_c - z.mean(1))
+        loss = triton_loss(sure, ys, 'none', eps=eps).double()
+        assert ((loss - ref).abs() <= 1e-6 * ref).all(), (loss, ref)
 
 @in_process
 def test_extremes(monkeypatch):
