@@ -13,6 +13,7 @@ from fastcore.basics import store_attr, patch, noop
 from fastcore.meta import delegates
 from fastai.learner import Metric, Learner
 from .losses import _f32, _sum_tolerance
+from .multilabel import _kept_labels
 from .smoothing import smoothing_of
 
 # %% auto #0
@@ -59,7 +60,9 @@ def _label_rows(scores:Tensor, y:Tensor, ignore_index:int, logits:bool) -> tuple
     if y.shape != s.shape:
         raise ValueError(f"multi-label targets must have the scores' shape {tuple(s.shape)}, "
                          f"got {tuple(y.shape)}")
-    s, y, kept = s.reshape(-1), y.reshape(-1), y.reshape(-1) != ignore_index
+    s, y = s.reshape(-1), y.reshape(-1)
+    kept = _kept_labels(y, ignore_index)  # the loss's rule: NaN `ignore_index` matches NaN labels
+    if kept is None: kept = torch.ones_like(y, dtype=torch.bool)
     rows = torch.stack([torch.zeros_like(s), s] if logits else [1 - s, s], 1)
     return rows[kept], (y > 0.5).long()[kept], _label_columns(scores)[kept]
 

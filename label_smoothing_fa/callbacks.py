@@ -14,7 +14,7 @@ from fastai.learner import Metric
 from fastai.callback.core import Callback
 from fastai.callback.tracker import TrackerCallback
 from .losses import _check_eps, _check_prior, _f32
-from .multilabel import _per_label
+from .multilabel import _per_label, _kept_labels
 from .smoothing import (smoothing_of, is_training_fit, starts_training_fit, training_fit_running,
                                           TrainingFitCallback, _check_any_prior)
 from .calibration import (_labels, _check_positions, _calibration_bins, _ece,
@@ -176,10 +176,11 @@ def _values(sums:_Sums, eps, others=0, names=None) -> dict:
 
 # %% ../nbs/01_callbacks.ipynb #8122f8f8
 def _binary_view(pred:Tensor, y:Tensor, eps:float, prior=None, ignore_index:int=-100):
-    "Labels as two-class rows: logits (0, x) on a new last axis, 0/1 (or `ignore_index`), constants"
+    "Labels as two-class rows: logits (0, x) on a new last axis, 0/1 (ignored: -100), constants"
     x = _f32(pred.detach().as_subclass(Tensor))
     y = y.as_subclass(Tensor)
-    lab = torch.where(y == ignore_index, ignore_index, (y > 0.5).long())
+    keep = _kept_labels(y, ignore_index)  # the loss's rule: NaN `ignore_index` matches NaN labels
+    lab = (y > 0.5).long() if keep is None else torch.where(keep, (y > 0.5).long(), -100)
     u = _per_label('prior', 0.5 if prior is None else prior, x, at_most=1.).expand_as(x)
     h = lambda t: torch.special.entr(t) + torch.special.entr(1 - t)  # binary entropy
     a = eps * u  # y' of a negative label; a positive one's is a + 1 - eps
@@ -461,12 +462,13 @@ class EntropyLogger(TrainingFitCallback):
         for pred, y, items in _concat(log.pending):
             if valid and self.calibration:
                 self._valid.samples.append(_samples(pred, y, axis, ign, ml, logits=True))
-            if ml: pred, y, consts = _binary_view(pred, y, fit.eps, fit.prior, ign); axis = -1
+            if ml: pred, y, consts = _binary_view(pred, y, fit.eps, fit.prior, ign)
+            at, skip = (-1, -100) if ml else (axis, ign)  # the binary view: its axis, its ignored
             if not valid:
-                sums = _batch_stats(pred, y, consts, axis, ign, items=items, binary=ml)
+                sums = _batch_stats(pred, y, consts, at, skip, items=items, binary=ml)
                 self._train.sums.append(sums.stack())
                 continue
-            sums, bins = _batch_stats(pred, y, consts, axis, ign, bounds, items, binary=ml)
+            sums, bins = _batch_stats(pred, y, consts, at, skip, bounds, items, binary=ml)
             v = self._valid
             sums = sums.stack().sum(0)
             if v.sums is None: v.sums, v.bins = sums, bins

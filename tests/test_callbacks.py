@@ -592,3 +592,23 @@ def test_counts_as_numpy_integers():
     assert type(logger.n_bins) is int and type(logger.every) is int and logger.n_bins == 5
     for bad in (True, 2.0, np.float64(2)):
         with pytest.raises(ValueError, match='`n_bins` must be a positive integer'): EntropyLogger(n_bins=bad)
+
+
+def test_multilabel_nan_marked_missing_labels_are_left_out():
+    "`ignore_index=float('nan')`: the logger and the calibration functions leave NaN labels out, as the loss does"
+    from label_smoothing_fa.calibration import ece
+    from label_smoothing_fa.multilabel import LabelSmoothingBCEWithLogitsFlat
+    torch.manual_seed(0)
+    x = torch.randn(256, 6); y = (x[:, :3] > 0).float(); y[torch.rand(256, 3) < 0.2] = float('nan')
+    ds = list(zip(x, y))
+    dls = DataLoaders.from_dsets(ds[:192], ds[192:], bs=64)
+    learn = Learner(dls, nn.Linear(6, 3), cbs=EntropyLogger(calibration=True),
+                    loss_func=LabelSmoothingBCEWithLogitsFlat(0.1, ignore_index=float('nan')))
+    with learn.no_bar(), learn.no_logging(): learn.fit(2, 1e-2)
+    last = learn.entropy_logger.valid_history.iloc[-1]
+    p, t = learn.get_preds()
+    keep = ~t.isnan()
+    p_y = torch.where(t[keep] > 0.5, p[keep], 1 - p[keep]).double()
+    assert last['nll'] == pytest.approx(-p_y.log().mean().item(), rel=1e-6)
+    assert last['ece'] == pytest.approx(ece(p, t, multilabel=True, ignore_index=float('nan')), abs=1e-7)
+    assert not np.isnan(last[['smooth_ce', 'kl', 'entropy', 'confidence', 'ace', 'cw_ece', 'aurc']]).any()
