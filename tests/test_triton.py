@@ -219,6 +219,18 @@ def test_cuda_device():
     check(xs, torch.softmax(xs, 1), 'sum', prior=P, ignore_index=None)
     check_extremes('cuda')
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available() or TK._interpreting(),
+                    reason='needs a GPU: the compiled kernels')
+def test_cuda_auto_is_triton(monkeypatch):
+    "CUDA tensors: 'auto' takes the kernel; 'fused' and 'dense' still run there, with the same numbers"
+    calls, apply = [], TK._TritonLabelSmoothing.apply
+    monkeypatch.setattr(TK._TritonLabelSmoothing, 'apply', lambda *a: calls.append(1) or apply(*a))
+    x, y = torch.randn(300, 1000, device='cuda'), torch.randint(0, 1000, (300,), device='cuda')
+    auto = lsce(x, y)
+    assert calls == [1]
+    for backend in ('fused', 'dense'): close(lsce(x, y, backend=backend), auto, 1e-5)
+
 @in_process
 def test_empty_and_one_class():
     check(torch.randn(0, 5), torch.zeros(0, dtype=torch.long), 'none')
