@@ -10,7 +10,7 @@ export IPYTHONDIR := $(CURDIR)/.cache/ipython
 export MPLBACKEND := Agg
 unexport PYTHONDONTWRITEBYTECODE
 
-.PHONY: setup demo test lint sync nbtest docs dist latest-env latest pytest bench
+.PHONY: setup demo test lint sync nbtest docs dist latest-env latest pytest bench gpu
 VERSION := $(shell sed -n 's/^version *= *//p' settings.ini)
 WHEEL := dist/label_smoothing_fa-$(VERSION)-py3-none-any.whl
 
@@ -84,9 +84,16 @@ $(LATEST)/.done: constraints-latest.txt $(WHEEL)
 	touch $@
 
 ## The test suite; with STAGE_TIMES (as `make test` sets it) the stages' wall times come just before its summary line.
+## First the GPU command's dry run (a few seconds): the Triton kernel on tiny CPU shapes through Triton's interpreter.
 pytest: setup
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/bench_gpu.py --dry-run
 	OMP_NUM_THREADS=$(TORCH_THREADS) PYTHONPATH=$(CURDIR)/tools$${PYTHONPATH:+:$$PYTHONPATH} $(BIN)/python -m pytest -p stage_times tests
 
 bench: setup
 	$(BIN)/python benchmarks/bench_loss.py
 	$(BIN)/python benchmarks/bench_callback.py
+
+## The one prepared GPU command: checks against float64 on the device, the tests marked `cuda`, the timings
+## (benchmarks/results/bench_gpu.json). Without a GPU it says so and exits 0.
+gpu: setup
+	$(BIN)/python benchmarks/bench_gpu.py

@@ -5,13 +5,9 @@ medians) and peak memory growth (over the logits, the gradient included) for our
 `liger-kernel` is installed. It writes benchmarks/results/bench_gpu.json.
 
     python benchmarks/bench_gpu.py            # on a GPU; without one it says so and exits 0
-    python benchmarks/bench_gpu.py --dry-run  # tiny CPU shapes through Triton's interpreter (CI): writes nothing
-
-Until `backend='triton'` is wired into the losses, `triton` is `label_smoothing_cross_entropy` with the Triton
-autograd function in the fused path's place."""
+    python benchmarks/bench_gpu.py --dry-run  # tiny CPU shapes through Triton's interpreter (CI): writes nothing"""
 import argparse, json, os, statistics, subprocess, sys, time, warnings
 from pathlib import Path
-from unittest import mock
 
 EPS = 0.1
 CASES = {  # name: (logits shape, class axis); the dry run's shapes are tiny
@@ -22,13 +18,11 @@ CASES = {  # name: (logits shape, class axis); the dry run's shapes are tiny
 OUT = Path(__file__).parent/'results'/'bench_gpu.json'
 ROOT = Path(__file__).resolve().parent.parent
 
-def implementations(L, TK, F, torch, dry):
+def implementations(L, F, torch, dry):
     "name: f(x, y, axis) -> loss, for each implementation that runs here"
-    def triton(x, y, axis):
-        with mock.patch.multiple(L, _FusedLabelSmoothing=TK._TritonLabelSmoothing, _DENSE_BELOW=0):
-            return L.label_smoothing_cross_entropy(x, y, EPS, axis=axis)
-    impls = {'triton': triton,
-             'fused': lambda x, y, axis: L.label_smoothing_cross_entropy(x, y, EPS, axis=axis),
+    ours = lambda backend: lambda x, y, axis: L.label_smoothing_cross_entropy(x, y, EPS, axis=axis,
+                                                                             backend=backend)
+    impls = {'triton': ours('triton'), 'fused': ours('fused'),
              'torch': lambda x, y, axis: F.cross_entropy(x, y, label_smoothing=EPS)}
     if not dry:  # compiling on the CPU takes longer than the dry run is for
         compiled = torch.compile(F.cross_entropy)
@@ -40,7 +34,7 @@ def implementations(L, TK, F, torch, dry):
     except ImportError: pass
     return impls
 
-def check_results(triton, L, torch, device, dry) -> list:
+def check_results(L, torch, device, dry) -> list:
     "Loss and gradient of the kernel against the float64 reference: a few semantics, two dtypes"
     N, K = (4, 40) if dry else (64, 4000)
     g = torch.Generator(device).manual_seed(0)
@@ -54,8 +48,7 @@ def check_results(triton, L, torch, device, dry) -> list:
         for name, target, kw in (('uniform', y, {}), ('others', y, dict(prior='others')),
                                  ('K x K', y, dict(prior=P)), ('soft, K x K', soft, dict(prior=P))):
             xg = x.detach().requires_grad_()
-            with mock.patch.multiple(L, _FusedLabelSmoothing=triton, _DENSE_BELOW=0):
-                loss = L.label_smoothing_cross_entropy(xg, target, EPS, **kw)
+            loss = L.label_smoothing_cross_entropy(xg, target, EPS, backend='triton', **kw)
             grad, = torch.autograd.grad(loss, xg)
             x64 = x.detach().double().requires_grad_()
             ref = L.reference_label_smoothing_cross_entropy(x64, target, EPS, **kw)
@@ -113,7 +106,7 @@ def main():
     device = 'cpu' if args.dry_run else 'cuda'
     report = dict(device=torch.cuda.get_device_name() if cuda and not args.dry_run else 'cpu (interpreter)',
                   torch=torch.__version__, triton=getattr(TK.triton, '__version__', None))
-    report['checks'] = check_results(TK._TritonLabelSmoothing, L, torch, device, args.dry_run)
+    report['checks'] = check_results(L, torch, device, args.dry_run)
     for r in report['checks']:
         print(f"check {r['dtype']:15} {r['semantics']:12} loss err {r['loss_err']:.2e}  "
               f"grad err {r['grad_err']:.2e}  {'ok' if r['ok'] else 'FAILED'}")
@@ -121,7 +114,7 @@ def main():
     else:
         rc = subprocess.run([sys.executable, '-m', 'pytest', '-q', '-m', 'cuda', 'tests'], cwd=ROOT).returncode
         report['cuda_tests'] = {0: 'passed', 5: 'none collected'}.get(rc, f'failed (exit {rc})')
-    impls = implementations(L, TK, F, torch, args.dry_run)
+    impls = implementations(L, F, torch, args.dry_run)
     report['cases'] = []
     dtypes = (torch.bfloat16, torch.float32)
     for case, (shape, axis) in CASES['dry' if args.dry_run else 'gpu'].items():

@@ -4,8 +4,9 @@
 
 # %% ../nbs/00_losses.ipynb #d78615fc
 from __future__ import annotations
-import numbers
+import importlib.util, numbers
 from contextlib import nullcontext
+from functools import lru_cache
 from typing import NamedTuple
 import torch, torch.nn as nn, torch.nn.functional as F
 from torch import Tensor
@@ -18,6 +19,7 @@ __all__ = ['smooth_targets', 'reference_label_smoothing_cross_entropy', 'label_s
 
 # %% ../nbs/00_losses.ipynb #74392091
 _reductions, _weight_modes = ('mean', 'sum', 'none'), ('sample', 'torch', 'fastai')
+_backends = ('auto', 'dense', 'fused', 'triton')
 
 def _f32_dtype(dtype:torch.dtype) -> torch.dtype:
     "The dtype computations run in: float32 for half precision; float32 and float64 as they are"
@@ -589,6 +591,11 @@ def _dense_rows(x:Tensor, idx, soft, co:_Coefficients, axis:int, rows:Tensor) ->
         return _dense_label_smoothing(pick(x), pick(idx), sub, 1, 'none')
 
 # %% ../nbs/00_losses.ipynb #d724dd9e
+@lru_cache(maxsize=None)
+def _has_triton() -> bool:
+    "Whether `triton` is installed (it ships with torch's CUDA builds on Linux)"
+    return importlib.util.find_spec('triton') is not None
+
 def label_smoothing_cross_entropy(
     input:Tensor, # logits, classes on `axis`
     target:Tensor, # class indices (input's shape without `axis`) or soft targets (input's shape)
@@ -600,19 +607,22 @@ def label_smoothing_cross_entropy(
     ignore_index:int|None=-100, # class index that contributes nothing (None: nothing ignored)
     axis:int=1, # the class axis of `input` (any of 0, 1, -1 for a 1-D input, as torch's)
     weight_mode:str='sample', # how `weight` applies: 'sample', 'torch' or 'fastai'
+    backend:str='auto', # 'auto', 'dense', 'fused' (CPU or CUDA) or 'triton' (CUDA)
 ) -> Tensor: # float32 loss: a scalar, or one per position for 'none'
     "Cross-entropy of the smoothed target `(1-eps)*target + eps*prior` and `softmax(input)`"
     eps, ignore_index = _check_eps(eps), _check_ignore_index(ignore_index)
     _check_choice('reduction', reduction, _reductions)
     _check_choice('weight_mode', weight_mode, _weight_modes)
+    _check_choice('backend', backend, _backends)
     x, target = [t if type(t) is Tensor else t.as_subclass(Tensor) for t in (input, target)]
     x, target, axis, unbatched = _batched(x, target, axis)
     with _no_autocast(x):  # the loss's own products in float32 (or float64), never in half
         loss = _label_smoothing(x, target, eps, weight, reduction, prior, ignore_index, axis,
-                                weight_mode)
+                                weight_mode, backend)
     return loss.squeeze(0) if unbatched and reduction == 'none' else loss
 
-def _label_smoothing(x, target, eps, weight, reduction, prior, ignore_index, axis, weight_mode):
+def _label_smoothing(x, target, eps, weight, reduction, prior, ignore_index, axis, weight_mode,
+                     backend):
     "The loss on checked arguments, `x` batched"
     K, dt = x.shape[axis], _f32_dtype(x.dtype)
     if K == 0: raise ValueError(f"`input` has no classes on axis {axis}: shape {tuple(x.shape)}")
@@ -632,10 +642,17 @@ def _label_smoothing(x, target, eps, weight, reduction, prior, ignore_index, axi
     co = _row_coefficients(idx, soft, tsum, keep, weight, prior, eps, K, axis, reduction,
                            weight_mode, dt)
     graph_args = any(isinstance(t, Tensor) and t.requires_grad for t in (soft, weight, prior))
-    if x.numel() < _DENSE_BELOW or not check or graph_args:  # small, traced, more to differentiate
+    if backend == 'auto':  # the kernel for CUDA tensors; on CPU, dense where small
+        backend = 'triton' if x.is_cuda and check and not graph_args and _has_triton() else \
+                  'dense' if x.numel() < _DENSE_BELOW or not check or graph_args else 'fused'
+    if backend == 'dense' or not check or graph_args:  # asked, traced, more to differentiate
         return _dense_label_smoothing(x, idx, co, axis, reduction)
-    v_has_zeros = isinstance(co.v, Tensor) and bool((co.v == 0).any())
-    loss = _FusedLabelSmoothing.apply(x, idx, co.soft, co, axis, v_has_zeros)
+    if backend == 'triton':
+        from .triton_kernels import _TritonLabelSmoothing  # lazy: `losses` does not import triton
+        loss = _TritonLabelSmoothing.apply(x, idx, co.soft, co, axis, False)
+    else:
+        v_has_zeros = isinstance(co.v, Tensor) and bool((co.v == 0).any())
+        loss = _FusedLabelSmoothing.apply(x, idx, co.soft, co, axis, v_has_zeros)
     return loss if reduction == 'none' else loss.sum()
 
 # %% ../nbs/00_losses.ipynb #019c7b9b
@@ -651,13 +668,15 @@ class LabelSmoothingCrossEntropy(nn.Module):
         ignore_index:int|None=-100, # class index that contributes nothing (None: nothing ignored)
         axis:int=1, # the class axis of the input
         weight_mode:str='sample', # how `weight` applies: 'sample', 'torch' or 'fastai'
+        backend:str='auto', # 'auto', 'dense', 'fused' (CPU or CUDA) or 'triton' (CUDA)
     ):
         super().__init__()
         eps, ignore_index = _check_eps(eps), _check_ignore_index(ignore_index)
         axis = _number('axis', axis, numbers.Integral, 'an integer')
         _check_choice('reduction', reduction, _reductions)
         _check_choice('weight_mode', weight_mode, _weight_modes)
-        store_attr('eps,reduction,ignore_index,axis,weight_mode')
+        _check_choice('backend', backend, _backends)
+        store_attr('eps,reduction,ignore_index,axis,weight_mode,backend')
         self.register_buffer('weight', _check_class_vector('weight', weight))
         prior = _check_prior(prior)
         if isinstance(prior, Tensor): self.register_buffer('prior', prior)
@@ -667,7 +686,8 @@ class LabelSmoothingCrossEntropy(nn.Module):
         "The loss of `input` (logits) against `target`; `reduction` overrides `self.reduction`"
         return label_smoothing_cross_entropy(
             input, target, self.eps, self.weight, reduction or self.reduction, prior=self.prior,
-            ignore_index=self.ignore_index, axis=self.axis, weight_mode=self.weight_mode)
+            ignore_index=self.ignore_index, axis=self.axis, weight_mode=self.weight_mode,
+            backend=getattr(self, 'backend', 'auto'))  # a module pickled before `backend`
 
     def activation(self, out:Tensor) -> Tensor:
         "Softmax over the class axis: the probabilities `get_preds` returns"
@@ -681,7 +701,8 @@ class LabelSmoothingCrossEntropy(nn.Module):
         prior = self.prior
         if isinstance(prior, Tensor): prior = f"tensor({' x '.join(map(str, prior.shape))})"
         return (f"eps={self.eps}, reduction={self.reduction!r}, prior={prior}, axis={self.axis}, "
-                f"weight_mode={self.weight_mode!r}")
+                f"weight_mode={self.weight_mode!r}"
+                + (f", backend={self.backend!r}" if getattr(self, 'backend', 'auto') != 'auto' else ''))
 
 # %% ../nbs/00_losses.ipynb #9aac69ff
 class LabelSmoothingCrossEntropyFlat(BaseLoss):
@@ -696,9 +717,11 @@ class LabelSmoothingCrossEntropyFlat(BaseLoss):
         ignore_index:int|None=-100, # class index that contributes nothing (None: nothing ignored)
         axis:int=-1, # the class axis of the input
         weight_mode:str='sample', # how `weight` applies: 'sample', 'torch' or 'fastai'
+        backend:str='auto', # 'auto', 'dense', 'fused' (CPU or CUDA) or 'triton' (CUDA)
     ):
         super().__init__(LabelSmoothingCrossEntropy, eps, weight, reduction, prior=prior,
                          ignore_index=ignore_index, weight_mode=weight_mode, axis=axis,
+                         backend=backend,
                          flatten=False)
         # `BaseLoss` keeps `axis` to itself; the module needs it
         self.axis = self.func.axis = _number('axis', axis, numbers.Integral, 'an integer')

@@ -1,12 +1,11 @@
 """Property tests (hypothesis) of every public function and class of `losses` and `multilabel` against the float64
-oracles of tests/oracles.py, on both paths (dense and fused: `_DENSE_BELOW`), with the extremes among the strategies:
+oracles of tests/oracles.py, on both paths (`backend='dense'` and `'fused'`), with the extremes among the strategies:
 +-inf, NaN and +-3e38 logits, eps in {0, 1, (K-1)/K}, class weights at 1e-40 and 1e40, empty and 1-D inputs,
 half-precision logits and autocast (issue 15, "Also")."""
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 import pytest, torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-import label_smoothing_fa.losses as L
 from label_smoothing_fa.losses import (LabelSmoothingCrossEntropy, LabelSmoothingCrossEntropyFlat,
                                        label_smoothing_cross_entropy, reference_label_smoothing_cross_entropy,
                                        smooth_targets)
@@ -19,13 +18,6 @@ INF, NAN = float('inf'), float('nan')
 EXTREMES = [INF, -INF, NAN, 3e38, -3e38]
 def fuzz(n): return settings(max_examples=n, deadline=None,
                              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-
-@contextmanager
-def on_path(path):
-    "The fused path whatever the size, or the dense one"
-    old, L._DENSE_BELOW = L._DENSE_BELOW, 0 if path == 'fused' else 1 << 62
-    try: yield
-    finally: L._DENSE_BELOW = old
 
 def close(ours, ref, dtype, logits=None):
     "`ours` against the float64 answer rounded to the loss's dtype: NaN and inf where it has them, else close"
@@ -95,8 +87,8 @@ def test_function_against_float64(problem, path):
     if not _weights_in_range(kw, target): kw['weight'] = kw['weight'] / kw['weight'].amax()
     ref = multiclass(x.double(), target, **kw)
     xi = x.detach().clone().requires_grad_()
-    with on_path(path), (torch.autocast('cpu', dtype=autocast) if autocast else nullcontext()):
-        ours = label_smoothing_cross_entropy(xi, target, **kw)
+    with torch.autocast('cpu', dtype=autocast) if autocast else nullcontext():
+        ours = label_smoothing_cross_entropy(xi, target, backend=path, **kw)
     assert ours.dtype == (torch.float64 if x.dtype == torch.float64 else torch.float32)
     assert ours.shape == ref.shape
     close(ours, ref, x.dtype, x.double())
@@ -114,16 +106,15 @@ def test_function_against_float64(problem, path):
 def test_modules_are_the_function(problem, path):
     "`LabelSmoothingCrossEntropy` is the function with its arguments; `...Flat` the mean (per item for 'none')"
     x, target, kw, _ = problem
-    kw = {**kw, 'ignore_index': -100}
+    kw = {**kw, 'ignore_index': -100, 'backend': path}
     args = {k: kw[k] for k in ('eps', 'weight', 'reduction')}
-    rest = {k: kw[k] for k in ('prior', 'ignore_index', 'axis', 'weight_mode')}
-    with on_path(path):
-        try: ref = label_smoothing_cross_entropy(x, target, **kw)
-        except ValueError: return  # weights 1e40 cast to float32 in a mode that is not scale-free: refused alike
-        torch.testing.assert_close(LabelSmoothingCrossEntropy(*args.values(), **rest)(x, target), ref, equal_nan=True)
-        flat = LabelSmoothingCrossEntropyFlat(*args.values(), **rest)(x, target)
-        if kw['reduction'] != 'none' or ref.ndim <= 1: torch.testing.assert_close(flat, ref, equal_nan=True)
-        else: assert flat.shape == ref.shape[:1]
+    rest = {k: kw[k] for k in ('prior', 'ignore_index', 'axis', 'weight_mode', 'backend')}
+    try: ref = label_smoothing_cross_entropy(x, target, **kw)
+    except ValueError: return  # weights 1e40 cast to float32 in a mode that is not scale-free: refused alike
+    torch.testing.assert_close(LabelSmoothingCrossEntropy(*args.values(), **rest)(x, target), ref, equal_nan=True)
+    flat = LabelSmoothingCrossEntropyFlat(*args.values(), **rest)(x, target)
+    if kw['reduction'] != 'none' or ref.ndim <= 1: torch.testing.assert_close(flat, ref, equal_nan=True)
+    else: assert flat.shape == ref.shape[:1]
 
 @fuzz(150)
 @given(multiclass_problems())

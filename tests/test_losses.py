@@ -62,9 +62,7 @@ def problems(draw):
 @given(problems(), st.booleans())
 def test_fused_matches_reference(problem, fused):
     x, target, kw = problem
-    old, L._DENSE_BELOW = L._DENSE_BELOW, (0 if fused else 1 << 16)
-    try: ours, g_ours = loss_and_grad(label_smoothing_cross_entropy, x, target, **kw)
-    finally: L._DENSE_BELOW = old
+    ours, g_ours = loss_and_grad(label_smoothing_cross_entropy, x, target, backend='fused' if fused else 'dense', **kw)
     ref, g_ref = loss_and_grad(reference_label_smoothing_cross_entropy, x, target, **kw)
     close(ours, ref, 1e-7); close(g_ours, g_ref, 1e-7)
     assert torch.isfinite(ours).all() and torch.isfinite(g_ours).all()
@@ -92,16 +90,14 @@ def test_matrix_priors_that_are_the_other_priors(problem, fused):
     P = torch.softmax(torch.randn(K, K, dtype=torch.float64), 1)
     pairs = [(torch.full((K, K), 1 / K, dtype=torch.float64), None), ((1 - torch.eye(K, dtype=torch.float64)) / (K - 1), 'others'),
              (torch.ones(K, 1) * v, v)]
-    old, L._DENSE_BELOW = L._DENSE_BELOW, (0 if fused else 1 << 16)
-    try:
-        for matrix, same in pairs:
-            a, ga = loss_and_grad(label_smoothing_cross_entropy, x, target, **{**kw, 'prior': matrix})
-            b, gb = loss_and_grad(label_smoothing_cross_entropy, x, target, **{**kw, 'prior': same})
-            close(a, b, 1e-10); close(ga, gb, 1e-10)
-        a, ga = loss_and_grad(label_smoothing_cross_entropy, x, target, **{**kw, 'prior': P, 'eps': 0.})
-        b, gb = loss_and_grad(label_smoothing_cross_entropy, x, target, **{**kw, 'prior': None, 'eps': 0.})
+    kw['backend'] = 'fused' if fused else 'dense'
+    for matrix, same in pairs:
+        a, ga = loss_and_grad(label_smoothing_cross_entropy, x, target, **{**kw, 'prior': matrix})
+        b, gb = loss_and_grad(label_smoothing_cross_entropy, x, target, **{**kw, 'prior': same})
         close(a, b, 1e-10); close(ga, gb, 1e-10)
-    finally: L._DENSE_BELOW = old
+    a, ga = loss_and_grad(label_smoothing_cross_entropy, x, target, **{**kw, 'prior': P, 'eps': 0.})
+    b, gb = loss_and_grad(label_smoothing_cross_entropy, x, target, **{**kw, 'prior': None, 'eps': 0.})
+    close(a, b, 1e-10); close(ga, gb, 1e-10)
 
 def test_online_label_smoothing_is_a_matrix_prior(path):
     "alpha CE(y) + (1 - alpha) CE(P[y]), online label smoothing's loss, is ours with eps = 1 - alpha and prior = P"
@@ -147,7 +143,7 @@ class _FullSizeAllocations(TorchDispatchMode):
 @pytest.mark.parametrize('shape', [(4096, 64), (4, 64, 32, 32)])
 def test_matrix_prior_allocates_no_n_by_k_prior(shape, monkeypatch):
     "Fused forward and backward: a K x K prior allocates no more N x K tensors than a vector prior does"
-    monkeypatch.setattr(L, '_DENSE_BELOW', 0); monkeypatch.setattr(L, '_BLOCK', 1 << 12)  # many blocks, each small
+    monkeypatch.setattr(L, '_BLOCK', 1 << 12)  # many blocks, each small
     torch.manual_seed(0)
     K, x = shape[1], torch.randn(shape)
     u, P = torch.softmax(torch.randn(K), 0), torch.softmax(torch.randn(K, K), 1)
@@ -156,7 +152,7 @@ def test_matrix_prior_allocates_no_n_by_k_prior(shape, monkeypatch):
         for prior in (u, P):
             xi = x.clone().requires_grad_()
             with _FullSizeAllocations(x.numel() // 2) as mode:
-                label_smoothing_cross_entropy(xi, target, 0.2, prior=prior).backward()
+                label_smoothing_cross_entropy(xi, target, 0.2, prior=prior, backend='fused').backward()
             counts.append(len(mode.ops))
         assert 1 <= counts[1] <= counts[0], counts  # the softmax buffer at least; the prior adds none
 
@@ -423,3 +419,26 @@ def test_segmentation(lf):
     assert torch.equal(decoded, preds.argmax(1)) and (decoded == targs).float().mean() > 0.9
     raw, _ = learn.get_preds(act=lambda o: o)
     close(torch.tensor(learn.validate()[0]), F.cross_entropy(raw, targs, label_smoothing=0.1), 1e-5)
+
+def test_backend_argument(monkeypatch):
+    "`backend=` is checked; 'auto' is dense below `_DENSE_BELOW` logits and fused above; what asks for it gets it"
+    x, y = torch.randn(5, 3), torch.tensor([0, 1, 2, 0, 1])
+    with pytest.raises(ValueError, match='`backend` must be one of'): label_smoothing_cross_entropy(x, y, backend='cuda')
+    for cls in (LabelSmoothingCrossEntropy, LabelSmoothingCrossEntropyFlat):
+        with pytest.raises(ValueError, match='`backend` must be one of'): cls(backend='cuda')
+    assert LabelSmoothingCrossEntropyFlat(backend='fused').func.backend == 'fused'
+    assert "backend='dense'" in repr(LabelSmoothingCrossEntropy(backend='dense'))
+    calls, apply = [], L._FusedLabelSmoothing.apply
+    monkeypatch.setattr(L._FusedLabelSmoothing, 'apply', lambda *a: calls.append(a[0].numel()) or apply(*a))
+    big, yb = torch.randn(300, L._DENSE_BELOW // 300 + 1), torch.randint(0, 10, (300,))
+    u = torch.softmax(torch.randn(big.shape[1]), 0)
+    for inp, tgt, kw, fused in ((x, y, {}, False), (big, yb, {}, True), (x, y, dict(backend='fused'), True),
+                                (big, yb, dict(backend='dense'), False),
+                                (big, yb, dict(backend='fused', prior=u.requires_grad_()), False)):  # more to differentiate
+        calls.clear()
+        for loss in (label_smoothing_cross_entropy(inp, tgt, **kw), LabelSmoothingCrossEntropy(**kw)(inp, tgt)):
+            close(loss, reference_label_smoothing_cross_entropy(inp, tgt, prior=kw.get('prior')))
+        assert calls == ([inp.numel()] * 2 if fused else []), (kw, calls)
+    lf = LabelSmoothingCrossEntropy(0.1)
+    del lf.backend  # a module pickled before `backend` existed: 'auto'
+    close(lf(x, y), F.cross_entropy(x, y, label_smoothing=0.1))

@@ -2,8 +2,7 @@
 semantic of the coefficients (targets x priors x weight modes x reductions x ignore_index x dtypes), the
 strided class axis, the extremes, re-entrant and double backward. Tiny shapes: the interpreter takes a few
 milliseconds per program (the whole module runs in about 10 s on one thread)."""
-import os, subprocess, sys
-from unittest import mock
+import itertools, os, subprocess, sys
 from pathlib import Path
 
 import pytest, torch
@@ -15,7 +14,8 @@ if 'triton' not in sys.modules and not torch.cuda.is_available(): os.environ['TR
 pytest.importorskip('triton')
 import label_smoothing_fa.triton_kernels as TK
 import label_smoothing_fa.losses as L
-from label_smoothing_fa.losses import _f32_dtype, reference_label_smoothing_cross_entropy
+from label_smoothing_fa.losses import (LabelSmoothingCrossEntropy, LabelSmoothingCrossEntropyFlat, _f32_dtype,
+                                       label_smoothing_cross_entropy as lsce, reference_label_smoothing_cross_entropy)
 
 INTERPRETED = TK._interpreting() and os.environ.get('TRITON_INTERPRET') == '1'
 in_process = pytest.mark.skipif(not INTERPRETED, reason="triton imported for the device: the "
@@ -30,11 +30,6 @@ def test_in_subprocess():
     subprocess.run([sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider', __file__],
                    check=True, env=env, cwd=root)
 
-def triton_loss(x, target, reduction='mean', axis=1, **kwargs):
-    "`label_smoothing_cross_entropy` with `_TritonLabelSmoothing` in the fused path's place, at any size"
-    with mock.patch.multiple(L, _FusedLabelSmoothing=TK._TritonLabelSmoothing, _DENSE_BELOW=0):
-        return L.label_smoothing_cross_entropy(x, target, reduction=reduction, axis=axis, **kwargs)
-
 def close(a, b, tol):
     assert torch.allclose(a.double(), b.double(), atol=tol, rtol=tol, equal_nan=True), \
         (a, b, (a.double() - b.double()).abs().max())
@@ -42,7 +37,7 @@ def close(a, b, tol):
 def check(x, target, reduction='mean', axis=1, tol=1e-5, **kwargs):
     "Loss and gradient (for a grad_output that differs by row) against the float64 reference"
     x = x.detach().requires_grad_()
-    loss = triton_loss(x, target, reduction, axis, **kwargs)
+    loss = lsce(x, target, reduction=reduction, axis=axis, backend='triton', **kwargs)
     x64 = x.detach().double().requires_grad_()
     ref = reference_label_smoothing_cross_entropy(x64, target, reduction=reduction, axis=axis,
                                                    **kwargs)
@@ -81,6 +76,49 @@ def test_semantics(prior, soft, monkeypatch):
         check(x.to(dt), target.to(dt) if soft else target, reduction, tol=tol, eps=0.2,
               prior=PRIORS[prior](K), weight=weight, weight_mode=mode,
               ignore_index=-1 if soft else -100)
+
+BACKENDS = ('dense', 'fused', 'triton')
+
+def backend_loss(f, x, target, g_out=None):
+    "Loss and input gradient of `f` (for a grad_output that differs by row)"
+    x = x.detach().clone().requires_grad_()
+    loss = f(x, target)
+    if g_out is None: g_out = torch.linspace(-1, 2, loss.numel()).reshape(loss.shape) if loss.ndim \
+        else torch.ones(())
+    g, = torch.autograd.grad(loss, x, g_out.to(loss.dtype))
+    return loss, g
+
+@in_process
+@pytest.mark.parametrize('soft', [False, True], ids=['indices', 'soft'])
+@pytest.mark.parametrize('prior', list(PRIORS))
+def test_public_backends_agree(prior, soft):
+    """`backend=` through the public function and both modules: 'triton' gives the value and the
+    gradient of 'dense' and 'fused', all three the float64 reference's, for each weight mode, reduction
+    and ignore_index"""
+    torch.manual_seed(10 + list(PRIORS).index(prior) * 2 + soft)
+    N, K = 5, 6
+    x = torch.randn(N, K) * 3
+    target = torch.softmax(torch.randn(N, K) * 3, 1) if soft else torch.tensor([3, -100, 5, 0, 2])
+    w, pr = torch.rand(K) + 0.1, PRIORS[prior](K)
+    for (weight, mode), reduction, ignore in itertools.product(
+            ((None, 'sample'), (w, 'sample'), (w, 'torch'), (w, 'fastai')), ('mean', 'sum', 'none'),
+            (-100, None)):
+        kw = dict(eps=0.2, weight=weight, reduction=reduction, prior=pr, ignore_index=ignore,
+                  weight_mode=mode)
+        t = target if soft or ignore is not None else target.clamp_min(1)  # -100 is no class
+        ref, g_ref = backend_loss(lambda x, t: reference_label_smoothing_cross_entropy(x, t, **kw),
+                                  x.double(), t)
+        g_out = torch.linspace(-1, 2, ref.numel()).reshape(ref.shape) if ref.ndim else None
+        for backend in BACKENDS:
+            loss, g = backend_loss(lambda x, t: lsce(x, t, backend=backend, **kw), x, t, g_out)
+            close(loss, ref, 1e-5); close(g, g_ref, 1e-5)
+            if reduction != 'none' or mode != 'sample': continue  # the modules: once per target kind
+            args = (kw['eps'], weight, reduction)
+            rest = dict(prior=pr, ignore_index=ignore, weight_mode=mode, backend=backend)
+            module, g_m = backend_loss(LabelSmoothingCrossEntropy(*args, **rest), x, t, g_out)
+            close(module, ref, 1e-5); close(g_m, g_ref, 1e-5)
+            flat, g_f = backend_loss(LabelSmoothingCrossEntropyFlat(*args, axis=1, **rest), x, t, g_out)
+            close(flat, ref, 1e-5); close(g_f, g_ref, 1e-5)
 
 @in_process
 @settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck))
@@ -134,15 +172,15 @@ def check_extremes(device='cpu'):
     for kwargs in (dict(eps=0.), {}, dict(prior='others'),
                    dict(eps=0.3, prior=torch.rand(9, device=device).softmax(0))):
         check(x, y, 'none', **kwargs)
-    loss = triton_loss(x.requires_grad_(), y, 'none', eps=0.)
+    loss = lsce(x.requires_grad_(), y, 0., reduction='none', backend='triton')
     g, = torch.autograd.grad(loss.sum(), x)
     assert loss[4] == 0 and (g[4] == 0).all()  # an ignored row of NaN
     assert loss[2].isfinite() and (g[2, :4] == 0).all()  # -inf logits of classes without weight
     assert loss[7].isfinite()
     big = torch.tensor([[3e38, -3e38, 0.]], device=device)
     y0 = torch.tensor([0], device=device)
-    assert triton_loss(big, y0, eps=0.) == 0
-    close(triton_loss(big, y0, eps=1e-30), torch.tensor(1e-30 * 9e38 / 3), 1e-5)
+    assert lsce(big, y0, 0., backend='triton') == 0
+    close(lsce(big, y0, 1e-30, backend='triton'), torch.tensor(1e-30 * 9e38 / 3), 1e-5)
     # confident rows: a loss of 1e-13 keeps its digits (lse - c = log1p of the other terms' sum;
     # the reference's float64 lse - x_y would not: 1e-16 of 30), uniform prior, the target the max
     sure = torch.tensor([[30., 0., 0.], [20., 5., -3.], [-3., 15., 18.]], device=device)
@@ -151,7 +189,7 @@ def check_extremes(device='cpu'):
     lse_c = torch.where(z == 0, 0., z.exp()).sum(1).log1p()
     for eps in (0., 1e-9):
         ref = (1 - eps) * lse_c + eps * (lse_c - z.mean(1))
-        loss = triton_loss(sure, ys, 'none', eps=eps).double()
+        loss = lsce(sure, ys, eps, reduction='none', backend='triton').double()
         assert ((loss - ref).abs() <= 1e-6 * ref).all(), (loss, ref)
 
 @in_process
@@ -181,6 +219,18 @@ def test_cuda_device():
     check(xs, torch.softmax(xs, 1), 'sum', prior=P, ignore_index=None)
     check_extremes('cuda')
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available() or TK._interpreting(),
+                    reason='needs a GPU: the compiled kernels')
+def test_cuda_auto_is_triton(monkeypatch):
+    "CUDA tensors: 'auto' takes the kernel; 'fused' and 'dense' still run there, with the same numbers"
+    calls, apply = [], TK._TritonLabelSmoothing.apply
+    monkeypatch.setattr(TK._TritonLabelSmoothing, 'apply', lambda *a: calls.append(1) or apply(*a))
+    x, y = torch.randn(300, 1000, device='cuda'), torch.randint(0, 1000, (300,), device='cuda')
+    auto = lsce(x, y)
+    assert calls == [1]
+    for backend in ('fused', 'dense'): close(lsce(x, y, backend=backend), auto, 1e-5)
+
 @in_process
 def test_empty_and_one_class():
     check(torch.randn(0, 5), torch.zeros(0, dtype=torch.long), 'none')
@@ -195,12 +245,12 @@ def test_reentrant_and_double_backward():
     x = torch.randn(4, 6, requires_grad=True)
     P = torch.softmax(torch.randn(6, 6), 1)
     for prior in ('others', P):
-        loss = triton_loss(x, torch.tensor([1, 2, 3, -100]), prior=prior)
+        loss = lsce(x, torch.tensor([1, 2, 3, -100]), prior=prior, backend='triton')
         g1, = torch.autograd.grad(loss, x, retain_graph=True)
         g2, = torch.autograd.grad(loss, x)
         assert torch.equal(g1, g2)
     y = torch.tensor([1, 2, 3, -100])
-    g, = torch.autograd.grad(triton_loss(x, y, 'sum', prior=P), x, create_graph=True)
+    g, = torch.autograd.grad(lsce(x, y, reduction='sum', prior=P, backend='triton'), x, create_graph=True)
     x64 = x.detach().double().requires_grad_()
     ref = reference_label_smoothing_cross_entropy(x64, y, reduction='sum', prior=P)
     g64, = torch.autograd.grad(ref, x64, create_graph=True)
@@ -214,9 +264,10 @@ def test_clear_errors(monkeypatch):
     "No triton, or TRITON_INTERPRET changed since triton's import: an error that says what to do"
     x, y = torch.randn(2, 3), torch.tensor([0, 1])
     monkeypatch.setenv('TRITON_INTERPRET', '0')
-    with pytest.raises(RuntimeError, match='before triton is first imported'): triton_loss(x, y)
+    with pytest.raises(RuntimeError, match='before triton is first imported'):
+        lsce(x, y, backend='triton')
     monkeypatch.setattr(TK, 'triton', None)
-    with pytest.raises(RuntimeError, match='pip install triton'): triton_loss(x, y)
+    with pytest.raises(RuntimeError, match='pip install triton'): lsce(x, y, backend='triton')
 
 def run_python(code, **env):
     "Run `code` in a fresh Python with `env` added to the environment"
