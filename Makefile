@@ -52,8 +52,11 @@ sync: setup
 ## Every notebook runs top to bottom: NB_WORKERS at a time, with the cores shared out among them (no claim a notebook
 ## asserts depends on the thread count).
 NB_WORKERS ?= $(CORES)
+## Without a GPU the Triton kernels run through Triton's interpreter, which must be chosen before any notebook of a
+## worker imports triton (torch.compile does): for every notebook, then.
+NB_TRITON := $(if $(shell nvidia-smi -L 2>/dev/null),,TRITON_INTERPRET=1)
 nbtest: setup
-	OMP_NUM_THREADS=$$(( $(CORES) / $(NB_WORKERS) > 0 ? $(CORES) / $(NB_WORKERS) : 1 )) \
+	$(NB_TRITON) OMP_NUM_THREADS=$$(( $(CORES) / $(NB_WORKERS) > 0 ? $(CORES) / $(NB_WORKERS) : 1 )) \
 	  $(BIN)/nbdev_test --n_workers $(NB_WORKERS) --timing
 
 ## The docs site (Sphinx + MyST-NB over nbdev's processed notebooks) and its check.

@@ -6,7 +6,8 @@ from fastcore.docments import docments
 import label_smoothing_fa
 
 PKG = Path(label_smoothing_fa.__file__).parent
-NOT_API = {'__init__', '_modidx', 'all', 'demo'}  # the demo is the main job (fastai.vision, scikit-learn), not API
+NOT_API = {'__init__', '_modidx', 'all', 'demo', 'triton_kernels'}  # the demo is the main job (fastai.vision, scikit-learn),
+# the Triton kernels a backend of the loss (`backend='triton'`): neither is API
 
 
 def run_fresh(code: str) -> list:
