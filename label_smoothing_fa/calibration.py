@@ -472,7 +472,8 @@ def _plot_reliability_bins(
     ax.set(xlim=(0, 1), ylim=(0, 1), xlabel='p (positive)' if multilabel else 'confidence',
            ylabel='share positive' if multilabel else 'accuracy',
            title=f"reliability, ECE = {_ece(bins):.4f}")
-    ax.legend(loc='upper left', fontsize='small', framealpha=0.9)
+    # below the axes: inside, a legend covers some diagram's bars whatever its corner
+    ax.legend(loc='upper center', bbox_to_anchor=(0.5, -0.13), ncol=2, fontsize='small', frameon=False)
     return ax.figure
 
 def plot_reliability(
