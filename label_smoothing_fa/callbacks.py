@@ -320,7 +320,7 @@ class EntropyLogger(TrainingFitCallback):
         n_bins:int=15, # equal-width confidence bins of the ECE
         every:int=1, # log every `every`-th training batch in the history
         multilabel:bool|None=None, # independent labels (sigmoid); `None`: is the loss multi-label
-        calibration:bool=False, # `ace`, `cw_ece`, `temperature`, `aurc` too: keeps valid logits
+        calibration:bool=False, # the calibration columns too (keeps the valid logits)
         show:tuple|None=None, # the `Recorder` columns, by name; `None`: the default ones not taken
     ):
         super().__init__()

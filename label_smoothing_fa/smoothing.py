@@ -118,7 +118,11 @@ def save_smoothing(loss_func, prior:bool=True) -> SavedSmoothing:
     return SavedSmoothing(tuple(s._replace(value=getattr(s.owner, s.attr)) for s in slots))
 
 # %% ../nbs/06_smoothing.ipynb #0864e762
-_UNCHANGED = object()
+class _Unchanged:
+    "The default of `set_smoothing`'s `prior`: leave the prior as it is"
+    def __repr__(self): return 'unchanged'
+
+_UNCHANGED = _Unchanged()
 
 def _check_any_prior(prior, multilabel:bool):
     "A multiclass prior (`_check_prior`), or a multi-label one: `None`, a float, per-label probs"

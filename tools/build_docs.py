@@ -136,9 +136,18 @@ def translate_link(url, page, doc_url, readme):
     return rel + (f'#{frag}' if frag else '')
 
 
+def _private_anchor(url):
+    "A link nbdev made to a private symbol (`#_name`): such symbols have no section, so no anchor to point at"
+    frag = url.partition('#')[2]
+    return frag.startswith('_') and not frag.startswith('__')
+
+
 def translate_links(md, page, doc_url, readme):
-    "Apply `translate_link` to every Markdown link (not images) in `md`."
-    return _re_md_link.sub(lambda m: f'[{m.group(1)}]({translate_link(m.group(2), page, doc_url, readme)})', md)
+    "Apply `translate_link` to every Markdown link (not images) in `md`; links to private symbols become their text."
+    def link(m):
+        if _private_anchor(m.group(2)): return m.group(1)
+        return f'[{m.group(1)}]({translate_link(m.group(2), page, doc_url, readme)})'
+    return _re_md_link.sub(link, md)
 
 
 def callout_opening(div, readme):
@@ -195,8 +204,8 @@ def show_doc_markdown(md, readme, seen):
     level, name = m.groups()
     name = name.replace('\\', '')  # as nbdev's anchors: the plain name, lowercased
     anchor = name.lower()
-    if anchor in seen: return None
-    seen.add(anchor)
+    if name in seen: return None  # by name: `ECE` (a class) and `ece` (a function) are both shown
+    seen.add(name)
     parts = []
     # Sphinx gives the section the id `make_id(name)`; where that differs from nbdev's anchor, add nbdev's.
     if not readme and make_id(anchor) != anchor: parts.append(f'<div id="{anchor}"></div>')
