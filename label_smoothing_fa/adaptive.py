@@ -196,7 +196,7 @@ class OnlineLabelSmoothing(TrainingFitCallback):
         self._sums = self._counts = self._batch_labels = None
 
     def restore(self):
-        "The loss's eps and prior as before the fit (`after_fit` restores them; so does the next event)"
+        "The loss's eps and prior as before the fit (`after_fit` restores them; the next event too)"
         if self._saved is not None: self._saved.restore()
         self._saved = None
 

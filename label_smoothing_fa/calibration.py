@@ -473,7 +473,8 @@ def _plot_reliability_bins(
            ylabel='share positive' if multilabel else 'accuracy',
            title=f"reliability, ECE = {_ece(bins):.4f}")
     # below the axes: inside, a legend covers some diagram's bars whatever its corner
-    ax.legend(loc='upper center', bbox_to_anchor=(0.5, -0.13), ncol=2, fontsize='small', frameon=False)
+    ax.legend(loc='upper center', bbox_to_anchor=(0.5, -0.13), ncol=2, fontsize='small',
+              frameon=False)
     return ax.figure
 
 def plot_reliability(

@@ -15,8 +15,8 @@ from fastai.callback.core import Callback
 from fastai.callback.tracker import TrackerCallback
 from .losses import _check_eps, _check_prior, _f32
 from .multilabel import _per_label, _kept_labels
-from .smoothing import (smoothing_of, is_training_fit, starts_training_fit, training_fit_running,
-                                          TrainingFitCallback, _check_any_prior)
+from .smoothing import (smoothing_of, is_training_fit, starts_training_fit,
+    training_fit_running, TrainingFitCallback, _check_any_prior)
 from .calibration import (_labels, _check_positions, _calibration_bins, _ece,
     _check_positive_int, _samples, _probabilities, _top_label, _adaptive_ece, _classwise_ece,
     _aurc, _fit_temperature, _plot_reliability_bins)
@@ -114,7 +114,7 @@ def _concat(batches:list) -> list:
 
 # %% ../nbs/01_callbacks.ipynb #a1c0de01
 def _smooth_ce(m:_Sums, eps:Tensor, others:Tensor) -> Tensor:
-    "H(q', p) = (1-eps) H(q, p) + eps H(u, p) from the means `m`; `others`: K for the prior 'others'"
+    "H(q', p) = (1-eps) H(q, p) + eps H(u, p) from the means `m`; `others`: K for prior 'others'"
     # 'others': u = (K uniform - one-hot) / (K-1)
     hu = torch.where(others > 0, (m.log_p_y - others * m.log_p_u) / (others - 1), -m.log_p_u)
     # no 0 * inf where p has zeros
@@ -168,7 +168,7 @@ _BY_NAME = {s.name: s for s in _STATISTICS}
 _logged = tuple(s.name for s in _STATISTICS if s.history)  # the training history's
 
 def _values(sums:_Sums, eps, others=0, names=None) -> dict:
-    "The 'sums' statistics (`names`, default all) from `_Sums` (one per batch, or one): name: tensor"
+    "The 'sums' statistics (`names`, default all) from `_Sums` (per batch, or one): name: tensor"
     m = sums.means()
     eps, others = (torch.as_tensor(a, dtype=torch.float64) for a in (eps, others))
     return {s.name: s.value(m, eps, others) for s in _STATISTICS
@@ -239,7 +239,8 @@ def _check_show(show, calibration:bool) -> tuple:
         if n not in _BY_NAME:
             raise ValueError(f"`show` names {n!r}, which is not a statistic: {', '.join(_BY_NAME)}")
         if _BY_NAME[n].calibration and not calibration:
-            raise ValueError(f"`show` names {n!r}, a calibration statistic: it needs `calibration=True`")
+            raise ValueError(f"`show` names {n!r}, a calibration statistic: "
+                             "it needs `calibration=True`")
     if len(set(names)) < len(names): raise ValueError(f"`show` names a statistic twice: {names}")
     return names
 

@@ -149,7 +149,8 @@ def _autocast_on(device_type:str) -> bool:
     "Whether autocast is on for `device_type` (torch < 2.4 asks per device with other functions)"
     try: return torch.is_autocast_enabled(device_type)
     except TypeError:
-        return torch.is_autocast_cpu_enabled() if device_type == 'cpu' else torch.is_autocast_enabled()
+        if device_type == 'cpu': return torch.is_autocast_cpu_enabled()
+        return torch.is_autocast_enabled()
 
 def _no_autocast(x:Tensor):
     "A context in which `x`'s device computes in the dtypes given, whatever autocast says"
@@ -397,8 +398,9 @@ class _FusedLabelSmoothing(torch.autograd.Function):
         loss = _times(co.A, parts.lse_c) - _times(co.cT, parts.tz) - _times(co.cv, parts.vz)
         dead = (co.A == 0) & ~parts.lse_c.isfinite() if isinstance(co.A, Tensor) else None
         dead = dead if dead is not None and dead.any() else None  # weightless rows with NaN, inf
-        # rows whose sums are not finite (an infinite or NaN logit, an overflow), and rows whose loss is
-        # small against the rounding of lse - c (confident rows, smoothed toward the prediction): dense
+        # rows whose sums are not finite (an infinite or NaN logit, an overflow), and rows whose
+        # loss is small against the rounding of lse - c (confident rows, smoothed toward the
+        # prediction): dense
         ok = loss.isfinite()
         if parts.scale is not None: ok &= _times(co.A, parts.scale) <= 16 * loss
         if not ok.all(): loss[~ok] = _dense_rows(x, idx, soft, co, axis, ~ok)
@@ -702,7 +704,8 @@ class LabelSmoothingCrossEntropy(nn.Module):
         if isinstance(prior, Tensor): prior = f"tensor({' x '.join(map(str, prior.shape))})"
         return (f"eps={self.eps}, reduction={self.reduction!r}, prior={prior}, axis={self.axis}, "
                 f"weight_mode={self.weight_mode!r}"
-                + (f", backend={self.backend!r}" if getattr(self, 'backend', 'auto') != 'auto' else ''))
+                + (f", backend={self.backend!r}"
+                   if getattr(self, 'backend', 'auto') != 'auto' else ''))
 
 # %% ../nbs/00_losses.ipynb #9aac69ff
 class LabelSmoothingCrossEntropyFlat(BaseLoss):

@@ -87,7 +87,7 @@ class _Slot(NamedTuple):
     value: object = None
 
 def _slots(loss_func, which:str) -> list:
-    "The `_Slot`s of the loss's eps (`which='eps'`) or prior: the innermost loss's, its wrappers' copies"
+    "The `_Slot`s of the loss's eps (`which='eps'`) or prior: the inner loss's, its wrappers' copies"
     chain = _loss_chain(loss_func)
     inner, kind = chain[-1], _kind(chain[-1])
     attr = getattr(kind, which)
@@ -95,7 +95,8 @@ def _slots(loss_func, which:str) -> list:
         name = type(inner).__name__
         if which == 'prior':
             raise ValueError(f"the loss {name} has no prior to set: use label_smoothing_fa's "
-                             "LabelSmoothingCrossEntropy(Flat) or LabelSmoothingBCEWithLogits(Flat)")
+                             "LabelSmoothingCrossEntropy(Flat) or "
+                             "LabelSmoothingBCEWithLogits(Flat)")
         raise ValueError(
             f"the loss {name} has no smoothing to set: use label_smoothing_fa's "
             "LabelSmoothingCrossEntropy(Flat) or LabelSmoothingBCEWithLogits(Flat), fastai's "
@@ -146,7 +147,7 @@ def set_smoothing(loss_func,
 
 # %% ../nbs/06_smoothing.ipynb #179d5b0d
 def compile_loss(loss_func, **kwargs):
-    "`torch.compile` the loss, keeping fastai's `activation` and `decodes`: a `BaseLoss`'s inner loss"
+    "`torch.compile` the loss, keeping fastai's `activation` and `decodes`: a `BaseLoss`'s inner"
     if not isinstance(loss_func, BaseLoss): return torch.compile(loss_func, **kwargs)
     compiled = copy.copy(loss_func)
     compiled.func = torch.compile(loss_func.func, **kwargs)
@@ -164,7 +165,7 @@ def _learner_calls(learn) -> list:
     return calls
 
 def is_training_fit(learn) -> bool:
-    "Whether the event fastai is running belongs to a training fit: `fit`, not `lr_find`'s, nothing nested"
+    "Whether fastai's event now belongs to a training fit: `fit`, not `lr_find`'s, nothing nested"
     lock = getattr(learn, 'lock', None)
     if lock is not None and lock.locked(): return False  # `validate`, `get_preds`: fastai holds it
     if hasattr(learn, 'lr_finder'): return False
@@ -178,7 +179,7 @@ def training_fit_running(learn) -> bool:
 
 # %% ../nbs/06_smoothing.ipynb #7acd4712
 def starts_training_fit(cb, drop_state) -> bool:
-    "In `cb`'s `before_fit`: is it a training fit? If not, `cb` sits it out; stale state dropped first"
+    "In `cb`'s `before_fit`: a training fit? If not, `cb` sits it out; stale state dropped first"
     learn = cb.learn
     training = is_training_fit(learn)
     # a training fit starts afresh; outside of one, state left means an exception ended a fit
